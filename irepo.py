@@ -647,7 +647,7 @@ def run(args):
                 skipped += 1  # nothing to learn from a pair of equal (or empty) responses
                 continue
             rows.append(dict(prompt=chunk[q], response_a=text_a, response_b=text_b, **lab,
-                             n_annotators=panel.n, a_ids=a, b_ids=b, prompt_ids=prompt_ids[q]))
+                             n_annotators=panel.n, prompt_ids=prompt_ids[q], a_ids=a, b_ids=b))
         seconds_annotate = time.time() - tic
         if not rows:
             fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses)")
@@ -660,6 +660,8 @@ def run(args):
         tic = time.time()
         ref_a = batched_logprobs(model, pairs["prompt_ids"], pairs["a_ids"], pad, args.micro_batch_size)
         ref_b = batched_logprobs(model, pairs["prompt_ids"], pairs["b_ids"], pad, args.micro_batch_size)
+        for row, la, lb in zip(rows, ref_a.tolist(), ref_b.tolist()):
+            row.update(logp_ref_a=la, logp_ref_b=lb)  # saved, so anyone can check them
 
         # 6. Minimize the loss over the pairs (the model becomes pi_{t+1}).
         if device.type == "cuda":
@@ -722,7 +724,7 @@ def save_iteration(out, t, model, tokenizer, rows, metrics):
     tokenizer.save_pretrained(tmp)
     with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
         for r in rows:
-            f.write(json.dumps({k: v for k, v in r.items() if not k.endswith("_ids")}) + "\n")
+            f.write(json.dumps(r) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     with open(os.path.join(out, "metrics.jsonl"), "a") as f:

@@ -1,0 +1,371 @@
+"""Tests for irepo.py: CPU only, offline, a few minutes in all.
+
+Each test's docstring states the invariant it checks. Statistical tests fix their seeds and say
+why a failure cannot be chance.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import irepo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared fixtures: tiny random-weight models of real architectures, built offline.
+# ---------------------------------------------------------------------------------------------
+
+def word_tokenizer(words):
+    """A word-level tokenizer from the `tokenizers` package, wrapped for transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>")
+
+
+def tiny_causal_lm(kind, vocab_size, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32,
+                                          n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=1, eos_token_id=1, pad_token_id=0)).eval()
+
+
+@pytest.fixture(scope="module")
+def warm_tiny(tmp_path_factory):
+    """The built-in tiny policy after its warm-up, built once for the module."""
+    folder = tmp_path_factory.mktemp("tiny") / "warmup"
+    irepo.build_tiny(str(folder), seed=0, steps=300)
+    return str(folder)
+
+
+def small_run_args(out, *extra):
+    return ["--out", str(out), "--iterations", "2", "--prompts-per-iteration", "24",
+            "--eval-prompts", "16", "--eval-samples", "1", "--epochs", "2", *extra]
+
+
+def run_with_warmup(warm_tiny, out, *extra):
+    """Run irepo.main in-process, reusing the module's warm-up (as a rerun in --out would)."""
+    os.makedirs(out, exist_ok=True)
+    shutil.copytree(warm_tiny, os.path.join(out, "warmup"), dirs_exist_ok=True)
+    irepo.main(small_run_args(out, *extra))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss and the soft labels.
+# ---------------------------------------------------------------------------------------------
+
+def test_irepo_loss_hand_computed():
+    """(beta*(la - lb) - target)^2, per pair, e.g. (0.5*(2 - (-1)) - 1)^2 = 0.25."""
+    la = torch.tensor([2.0, 0.0, -1.0])
+    lb = torch.tensor([-1.0, 0.0, 3.0])
+    target = torch.tensor([1.0, 0.5, -2.0])
+    got = irepo.irepo_loss(la, lb, target, beta=0.5)
+    # 0.5*3 - 1 = 0.5 -> 0.25;  0 - 0.5 -> 0.25;  0.5*(-4) + 2 = 0 -> 0
+    assert torch.allclose(got, torch.tensor([0.25, 0.25, 0.0]))
+    assert got.shape == (3,)
+
+
+def test_irepo_loss_symmetry():
+    """Swapping a and b negates the implicit reward difference; with the target negated too
+    (logit(1 - p) = -logit p) the loss is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    la, lb, p = torch.randn(50, generator=g), torch.randn(50, generator=g), torch.rand(50, generator=g)
+    target = irepo.preference_logit(p)
+    swapped_target = irepo.preference_logit(1 - p)
+    assert torch.allclose(swapped_target, -target, atol=1e-5)
+    for beta in (0.01, 0.1, 1.0):
+        assert torch.allclose(irepo.irepo_loss(la, lb, target, beta),
+                              irepo.irepo_loss(lb, la, swapped_target, beta), atol=1e-5)
+
+
+def test_baseline_losses_hand_computed():
+    """DPO is -log sigma(beta*h) towards the majority winner; IPO is (beta*h - 1/2)^2 towards it,
+    i.e. IPO's (h - 1/(2 beta))^2 times beta^2."""
+    la, lb = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0])
+    target = torch.tensor([0.7, -0.7])  # a wins the first pair, b the second
+    dpo = irepo.dpo_loss(la, lb, target, beta=2.0)
+    assert torch.allclose(dpo, torch.tensor([math.log1p(math.exp(-2.0)), math.log1p(math.exp(2.0))]))
+    ipo = irepo.ipo_loss(la, lb, target, beta=2.0)
+    assert torch.allclose(ipo, torch.tensor([(2.0 - 0.5) ** 2, (-2.0 - 0.5) ** 2]))
+    assert torch.allclose(ipo, 4.0 * (torch.tensor([1.0, -1.0]) - 1 / (2 * 2.0)) ** 2)
+
+
+def test_smoothing_keeps_logits_finite():
+    """Unanimous panels (0 or N votes for a) give finite, opposite logits; with smoothing 0.5,
+    p_hat = (k + 0.5) / (N + 1), so 0 of 4 votes gives 0.1 and 4 of 4 gives 0.9."""
+    for n in (1, 4, 64):
+        votes = torch.tensor([0.0, float(n)])
+        p = irepo.empirical_preference(votes, n, smoothing=0.5)
+        logit = irepo.preference_logit(p)
+        assert torch.isfinite(logit).all()
+        assert logit[0] == pytest.approx(-logit[1].item())
+    p4 = irepo.empirical_preference(torch.tensor([0.0, 4.0, 2.0]), 4, 0.5)
+    assert torch.allclose(p4, torch.tensor([0.1, 0.9, 0.5]))
+    assert irepo.preference_logit(torch.tensor(0.9)).item() == pytest.approx(math.log(9.0), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Zermelo ranking and the annotation step.
+# ---------------------------------------------------------------------------------------------
+
+def test_zermelo_recovers_bradley_terry_strengths():
+    """With 2000 simulated comparisons per pair from known log-strengths, the fitted
+    log-strengths match them within 0.1. Seeded; the standard error of each fitted score here
+    is about 0.03, so a 0.1 miss would be a >3-sigma event on every retry of the seed."""
+    g = torch.Generator().manual_seed(1)
+    true = torch.tensor([-1.0, -0.3, 0.0, 0.4, 0.9])
+    true = true - true.mean()
+    k, n = len(true), 2000
+    wins = torch.zeros(k, k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            w = torch.bernoulli(torch.full((n,), float(torch.sigmoid(true[i] - true[j]))), generator=g).sum()
+            wins[i, j], wins[j, i] = w, n - w
+    fitted = irepo.zermelo_scores(wins)
+    assert (fitted - true).abs().max() < 0.1
+    # Batched input gives the same scores row by row.
+    both = irepo.zermelo_scores(torch.stack([wins, wins.T]))
+    assert torch.allclose(both[0], fitted, atol=1e-4)
+    assert torch.allclose(both[1], irepo.zermelo_scores(wins.T), atol=1e-4)
+
+
+def test_zermelo_undefeated_is_finite_and_first():
+    """A response that wins every vote gets a finite, top score thanks to the prior."""
+    wins = torch.tensor([[0.0, 3.0, 3.0], [0.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    s = irepo.zermelo_scores(wins)
+    assert torch.isfinite(s).all()
+    assert s.argmax() == 0 and s.argmin() == 2
+
+
+class FixedPanel:
+    """A deterministic panel: votes for a = round(N * sigma(r(a) - r(b))) annotators, where r is
+    looked up in a table of rewards by response text."""
+
+    def __init__(self, n, rewards):
+        self.n, self.rewards = n, rewards
+
+    def compare(self, prompts, texts_a, texts_b):
+        out = []
+        for a, b in zip(texts_a, texts_b):
+            k = round(self.n * 1 / (1 + math.exp(self.rewards[b] - self.rewards[a])))
+            out.append([1.0] * k + [0.0] * (self.n - k))
+        return torch.tensor(out)
+
+
+def test_annotate_keeps_zermelo_best_and_worst():
+    """annotate() keeps, for each prompt, the responses with the highest and lowest Zermelo
+    scores of the panel's votes, and labels the pair with the panel's votes on that pair."""
+    rewards = {"w": 0.0, "x": 2.0, "y": -1.5, "z": 0.5}
+    panel = FixedPanel(10, rewards)
+    texts = ["w", "x", "y", "z", "z", "y", "x", "w"]  # two prompts, k = 4 each
+    labels = irepo.annotate(panel, ["p", "q"], texts, 4, smoothing=0.5)
+    for q, lab in enumerate(labels):
+        group = texts[4 * q:4 * q + 4]
+        wins = torch.zeros(4, 4)
+        for i in range(4):
+            for j in range(4):
+                if i != j:
+                    wins[i, j] = panel.compare(["p"], [group[i]], [group[j]]).sum()
+        scores = irepo.zermelo_scores(wins)
+        assert lab["best"] == int(scores.argmax()) and group[lab["best"]] == "x"
+        assert lab["worst"] == int(scores.argmin()) and group[lab["worst"]] == "y"
+        votes = wins[lab["best"], lab["worst"]].item()  # round(10 * sigma(3.5)) = 10
+        assert lab["votes_a"] == votes == 10
+        assert lab["p_hat"] == pytest.approx((votes + 0.5) / 11)
+        assert lab["target_logit"] == pytest.approx(math.log(10.5 / 0.5), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities.
+# ---------------------------------------------------------------------------------------------
+
+def one_at_a_time(model, prompt, response):
+    """The naive reference: one unpadded sequence, a full log-softmax, summed by a loop."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.double(), -1)[0]
+    return sum(logp[len(prompt) + i - 1, tok].item() for i, tok in enumerate(response))
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_sequence_logprobs_matches_one_at_a_time(kind):
+    """Batched, left-padded, prompt-masked log-probs equal the sum of per-token log-probs of
+    each sequence scored alone, for rows of different prompt and response lengths."""
+    model = tiny_causal_lm(kind, vocab_size=40)
+    g = torch.Generator().manual_seed(0)
+    lengths = [(3, 5), (7, 1), (1, 6), (5, 3)]  # (prompt, response) lengths
+    prompts = [torch.randint(3, 40, (p,), generator=g).tolist() for p, _ in lengths]
+    responses = [torch.randint(3, 40, (r,), generator=g).tolist() for _, r in lengths]
+    ids, attn, resp = irepo.collate(prompts, responses, pad_id=0, device="cpu")
+    assert ids.shape == (4, 7 + 6)  # trimmed to the longest prompt + longest response
+    with torch.no_grad():
+        got = irepo.sequence_logprobs(model, ids, attn, resp)
+    want = torch.tensor([one_at_a_time(model, p, r) for p, r in zip(prompts, responses)], dtype=torch.float64)
+    assert got.dtype == torch.float32 and got.shape == (4,)
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+def test_sequence_logprobs_gradient_flows():
+    """The training path differentiates through sequence_logprobs to every weight used."""
+    model = tiny_causal_lm("gpt2", vocab_size=40)
+    ids, attn, resp = irepo.collate([[5, 6], [7]], [[8, 9, 1], [10]], pad_id=0, device="cpu")
+    irepo.sequence_logprobs(model, ids, attn, resp).sum().backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts and bad input.
+# ---------------------------------------------------------------------------------------------
+
+def test_prompt_chunks_are_disjoint():
+    """Held-out prompts and the iteration chunks never share an entry."""
+    args = irepo.parse_args(["--iterations", "3", "--prompts-per-iteration", "100"])
+    held_out, chunks = irepo.split_prompts(irepo.tiny_prompts(), args)
+    assert len(held_out) == 64 and [len(c) for c in chunks] == [100, 100, 100]
+    seen = set(held_out)
+    for c in chunks:
+        assert not seen & set(c)
+        seen |= set(c)
+
+
+def test_read_prompts_txt_and_jsonl(tmp_path):
+    """.txt: one prompt per non-empty line; .jsonl: the 'prompt' field."""
+    (tmp_path / "p.txt").write_text("first one\n\n  second  \n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b", "id": 2}\n')
+    assert irepo.read_prompts(str(tmp_path / "p.txt")) == ["first one", "second"]
+    assert irepo.read_prompts(str(tmp_path / "p.jsonl")) == ["a", "b"]
+
+
+BAD_INPUTS = [
+    (["--beta", "0"], "--beta 0.0: must be > 0"),
+    (["--beta", "-1"], "--beta -1.0: must be > 0"),
+    (["--num-responses", "1"], "--num-responses 1: must be >= 2"),
+    (["--num-annotators", "0"], "--num-annotators 0: must be >= 1"),
+    (["--iterations", "0"], "--iterations 0: must be >= 1"),
+    (["--beta", "nan"], "--beta nan: must be > 0"),
+    (["--prompts", "/nonexistent/p.txt"], "--prompts /nonexistent/p.txt: no such file"),
+    (["--loss", "kto"], "argument --loss: invalid choice"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS)
+def test_bad_flags_stop_with_one_line(argv, message, capsys, tmp_path):
+    """Each bad flag stops with exit status 2 and one line naming the flag, before any work."""
+    with pytest.raises(SystemExit) as stop:
+        irepo.main(argv + ["--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_bad_prompts_files_name_the_file_and_line(tmp_path, capsys):
+    """An empty file and a malformed JSONL line stop the run; the message names file and line."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    missing_field = tmp_path / "field.jsonl"
+    missing_field.write_text('{"text": "no prompt here"}\n')
+    cases = [(empty, f"--prompts {empty}: the file holds no prompt"),
+             (bad, f"{bad}:2: malformed JSON"),
+             (missing_field, f"{missing_field}:1: needs a non-empty string field 'prompt'")]
+    for path, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            irepo.main(["--prompts", str(path), "--out", str(tmp_path / "out")])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("irepo.py: error: " + message), err
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    """The real command line: exit status 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "irepo.py"), "--num-responses", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "irepo.py: error: --num-responses 1: must be >= 2 (a pair needs two responses)"
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end.
+# ---------------------------------------------------------------------------------------------
+
+METRIC_KEYS = {"iteration", "loss", "regression_mse", "sign_agreement", "win_rate_vs_initial",
+               "true_reward", "kl_to_reference", "response_tokens_mean", "seconds_sample",
+               "seconds_annotate", "seconds_train", "train_tokens_per_s", "peak_memory_mb"}
+
+
+def test_end_to_end_two_iterations(warm_tiny, tmp_path):
+    """Two small iterations change the weights and write every output: a loadable model and
+    tokenizer per iteration, its pairs, and one metrics row per iteration with every key."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    rows = run_with_warmup(warm_tiny, str(out))
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for r in rows:
+        assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
+        assert all(math.isfinite(v) for v in r.values() if isinstance(v, float))
+        assert 0 <= r["win_rate_vs_initial"] <= 1 and 0 <= r["sign_agreement"] <= 1
+    before = AutoModelForCausalLM.from_pretrained(out / "warmup").state_dict()
+    for t in (1, 2):
+        folder = out / f"iteration_{t}"
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        AutoTokenizer.from_pretrained(folder)
+        changed = [n for n, w in model.state_dict().items() if not torch.equal(w, before[n])]
+        assert changed, f"iteration {t} left every weight unchanged"
+        pairs = [json.loads(line) for line in open(folder / "pairs.jsonl")]
+        assert len(pairs) + rows[t - 1]["skipped_pairs"] == 24
+        for p in pairs:
+            assert {"prompt", "response_a", "response_b", "votes_a", "p_hat", "target_logit"} <= set(p)
+            assert p["response_a"] != p["response_b"]
+            assert p["target_logit"] == pytest.approx(math.log(p["p_hat"] / (1 - p["p_hat"])), abs=1e-4)
+    assert not list(out.glob("*.tmp"))  # nothing half-written left behind
+
+
+def test_reference_is_pi_t(warm_tiny, tmp_path):
+    """The cached reference log-probs of iteration t are those of pi_t (the model saved by the
+    previous iteration, or the warm-up for t = 1), not of the model being trained: recomputed
+    under pi_t they match to 1e-4, and under pi_{t+1} they do not."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    run_with_warmup(warm_tiny, str(out))
+    models = [AutoModelForCausalLM.from_pretrained(out / name).eval()
+              for name in ("warmup", "iteration_1", "iteration_2")]
+    for t in (1, 2):
+        pairs = [json.loads(line) for line in open(out / f"iteration_{t}" / "pairs.jsonl")]
+        prompt_ids = [p["prompt_ids"] for p in pairs]
+        saved = torch.tensor([p["logp_ref_a"] for p in pairs] + [p["logp_ref_b"] for p in pairs])
+        responses = [p["a_ids"] for p in pairs] + [p["b_ids"] for p in pairs]
+        under = lambda m: irepo.batched_logprobs(m, prompt_ids * 2, responses, 0, 16)
+        assert torch.allclose(saved, under(models[t - 1]), atol=1e-4)
+        assert (saved - under(models[t])).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+def test_baselines_run_and_report_the_same_metrics(warm_tiny, tmp_path, loss):
+    """--loss dpo and --loss ipo run the same loop and write the same outputs and keys."""
+    out = tmp_path / loss
+    rows = run_with_warmup(warm_tiny, str(out), "--loss", loss)
+    assert [r["loss_type"] for r in rows] == [loss, loss]
+    assert METRIC_KEYS <= set(rows[-1])
+    assert (out / "iteration_2" / "pairs.jsonl").exists()
