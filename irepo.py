@@ -80,6 +80,7 @@ def parse_args(argv=None):
     a("--loss", default="irepo", choices=["irepo", "dpo", "ipo"], help="objective (same family)")
     a("--seed", type=int, default=0, help="seeds every random stream")
     a("--theory", action="store_true", help="print the numerical checks of the paper's theory, exit")
+    a("--compare", action="store_true", help="run irepo, dpo and ipo on 3 seeds each; print a table")
     # the method (None: the preset's value)
     a("--iterations", type=int, help="T, the number of iterations (fresh prompts each)")
     a("--num-responses", type=int, help="K, responses sampled per prompt")
@@ -131,6 +132,7 @@ def parse_args(argv=None):
         if not (ok and math.isfinite(getattr(args, flag[2:].replace("-", "_")))):
             fail(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {why}")
     args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
+    args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
     return args
 
 
@@ -284,7 +286,7 @@ def split_prompts(prompts, args):
 def load_policy(args, device):
     """The tiny model (built and warmed up once, then cached in --out) or a pretrained one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = os.path.join(args.out, "warmup") if args.model == "tiny" else args.model
+    folder = args.warmup if args.model == "tiny" else args.model
     if args.model == "tiny" and not os.path.isfile(os.path.join(folder, "config.json")):
         build_tiny(folder + ".tmp", seed=0)
         shutil.rmtree(folder, ignore_errors=True)
@@ -926,6 +928,30 @@ def theory_report():
     print(f"\n(theory checks took {time.time() - tic:.1f}s)")
 
 
+def compare_losses(args, seeds=3):
+    """Claim 5: the three losses on the tiny LM with the same seeds, panel and budget.
+    Prints mean and standard deviation over the seeds of the last iteration's metrics."""
+    finals = {}
+    for loss in LOSSES:
+        for s in range(seeds):
+            sub = argparse.Namespace(**vars(args))
+            sub.loss, sub.seed = loss, args.seed + s
+            sub.out = os.path.join(args.out, "compare", f"{loss}_seed{sub.seed}")
+            print(f"\n=== --loss {loss} --seed {sub.seed} ===")
+            finals.setdefault(loss, []).append(run(sub)[-1])
+    keys = ["true_reward", "kl_to_initial", "win_rate_vs_initial", "response_tokens_mean"]
+    print(f"\nAfter {args.iterations} iterations, mean +- std over seeds "
+          f"{args.seed}..{args.seed + seeds - 1}:")
+    print(f"{'loss':<6}" + "".join(f"{k:>24}" for k in keys))
+    for loss, rows in finals.items():
+        cells = []
+        for k in keys:
+            v = torch.tensor([r[k] for r in rows])
+            cells.append(f"{v.mean():.3f} +- {v.std():.3f}")
+        print(f"{loss:<6}" + "".join(f"{c:>24}" for c in cells))
+    return finals
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.theory:
@@ -933,7 +959,11 @@ def main(argv=None):
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bars are enough
+    sys.stdout.reconfigure(line_buffering=True)  # metrics lines appear in order with the bars
     tic = time.time()
+    if args.compare:
+        return compare_losses(args)
     history = run(args)
     last = history[-1]
     rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history)
