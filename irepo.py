@@ -38,7 +38,9 @@ import json
 import math
 import os
 import resource
+import shlex
 import shutil
+import signal
 import sys
 import time
 
@@ -77,6 +79,10 @@ def parse_args(argv=None):
     a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
     a("--out", default="out", help="output folder: iterations, pairs, metrics")
     a("--prompts", default=None, help="FILE: .txt (one prompt a line) or .jsonl with a 'prompt' field")
+    a("--pairs", default=None, help="FILE: train on these labelled pairs (pairs.jsonl format) "
+      "instead of sampling and annotating")
+    a("--resume", action="store_true", help="continue the run in --out after its last complete iteration")
+    a("--overwrite", action="store_true", help="replace the run in --out (its warm-up cache is kept)")
     a("--loss", default="irepo", choices=["irepo", "dpo", "ipo"], help="objective (same family)")
     a("--seed", type=int, default=0, help="seeds every random stream")
     a("--theory", action="store_true", help="print the numerical checks of the paper's theory, exit")
@@ -131,6 +137,8 @@ def parse_args(argv=None):
     for flag, ok, why in checks:
         if not (ok and math.isfinite(getattr(args, flag[2:].replace("-", "_")))):
             fail(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {why}")
+    if args.resume and args.overwrite:
+        fail("--resume and --overwrite: choose one")
     args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
     args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
     return args
@@ -235,59 +243,130 @@ def build_tiny(folder, seed=0, steps=600):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts: the built-in list or a file, split into a held-out set and one chunk per iteration.
+# Prompts and given pairs: the built-in list or files, checked line by line before any work.
 # ---------------------------------------------------------------------------------------------
 
-def read_prompts(path):
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ('prompt' field).
-    Any problem stops the run with the file and line named."""
+def read_lines(path, flag):
+    """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
     if not os.path.isfile(path):
-        fail(f"--prompts {path}: no such file")
+        fail(f"{flag} {path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except UnicodeDecodeError as e:
-        fail(f"--prompts {path}: not UTF-8 text ({e.reason} at byte {e.start})")
-    prompts = []
-    for number, line in enumerate(lines, 1):
+        fail(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
+    except OSError as e:
+        fail(f"{flag} {path}: cannot be read ({e.strerror})")
+
+
+def read_jsonl(path, flag):
+    """(where, object) for every non-empty line of a JSONL file; `where` is 'file:line'."""
+    for number, line in enumerate(read_lines(path, flag), 1):
         if not line.strip():
-            continue
-        if not path.endswith(".jsonl"):
-            prompts.append(line.strip())
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            fail(f"{path}:{number}: malformed JSON ({e.msg})")
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            fail(f"{path}:{number}: needs a non-empty string field 'prompt'")
-        prompts.append(row["prompt"].strip())
+            fail(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+        if not isinstance(row, dict):
+            fail(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield f"{path}:{number}", row
+
+
+def read_prompts(path):
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ('prompt' field)."""
+    if path.endswith(".jsonl"):
+        prompts = []
+        for where, row in read_jsonl(path, "--prompts"):
+            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+                fail(f"{where}: needs a non-empty string field 'prompt'")
+            prompts.append(row["prompt"].strip())
+    else:
+        prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
     if not prompts:
         fail(f"--prompts {path}: the file holds no prompt")
     return prompts
 
 
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def pair_target(row, where, smoothing):
+    """logit p_hat of a given pair, from 'target_logit', else 'p_hat', else the votes."""
+    if "target_logit" in row:
+        if not is_number(row["target_logit"]):
+            fail(f"{where}: field 'target_logit' must be a finite number, got {row['target_logit']!r}")
+        return float(row["target_logit"])
+    if "p_hat" in row:
+        p = row["p_hat"]
+        if not (is_number(p) and 0 < p < 1):
+            fail(f"{where}: field 'p_hat' must be a number strictly between 0 and 1, got {p!r}")
+        return math.log(p) - math.log1p(-p)
+    if "votes_a" in row:
+        n, v = row.get("n_annotators"), row["votes_a"]
+        if not (is_number(n) and n >= 1):
+            fail(f"{where}: field 'n_annotators' must be a number >= 1, got {n!r}")
+        if not (is_number(v) and 0 <= v <= n):
+            fail(f"{where}: field 'votes_a' must be a number in [0, n_annotators], got {v!r}")
+        return float(preference_logit(empirical_preference(torch.tensor(float(v)), n, smoothing)))
+    fail(f"{where}: needs a field 'target_logit', 'p_hat', or 'votes_a' with 'n_annotators'")
+
+
+def read_pairs(path, smoothing):
+    """Labelled pairs in the format iteration_t/pairs.jsonl is written in: 'prompt',
+    'response_a', 'response_b' and a label (see pair_target). Token ids ('prompt_ids', 'a_ids',
+    'b_ids') are used when present, so that a saved pair is reproduced exactly."""
+    rows = []
+    for where, row in read_jsonl(path, "--pairs"):
+        for field in ("prompt", "response_a", "response_b"):
+            if not isinstance(row.get(field), str):
+                fail(f"{where}: field '{field}' must be a string")
+        if not row["prompt"].strip():
+            fail(f"{where}: field 'prompt' is empty")
+        row["target_logit"] = pair_target(row, where, smoothing)
+        for field in ("prompt_ids", "a_ids", "b_ids"):
+            ids = row.get(field, [])
+            if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
+                fail(f"{where}: field '{field}' must be a list of token ids")
+        rows.append(dict(row, where=where))
+    if not rows:
+        fail(f"--pairs {path}: the file holds no pair")
+    return rows
+
+
 def split_prompts(prompts, args):
     """Held-out prompts first, then T disjoint chunks, after a seeded shuffle."""
+    if args.eval_prompts >= len(prompts):
+        fail(f"--eval-prompts {args.eval_prompts}: only {len(prompts)} prompts exist, and some "
+             "must be left for training; lower it or give more prompts")
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
     prompts = [prompts[int(i)] for i in order]
     held_out, rest = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
     if len(rest) < args.iterations:
-        fail(f"--eval-prompts {args.eval_prompts}: leaves {len(rest)} of {len(prompts)} prompts "
-             f"for {args.iterations} iterations; lower it or give more prompts")
+        fail(f"--iterations {args.iterations}: only {len(rest)} prompts are left after "
+             f"--eval-prompts {args.eval_prompts}; give more prompts or fewer iterations")
     size = min(args.prompts_per_iteration, len(rest) // args.iterations)
     return held_out, [rest[t * size:(t + 1) * size] for t in range(args.iterations)]
+
+
+def split_pairs(rows, iterations):
+    """Given pairs, in file order, cut into T consecutive chunks, one per iteration."""
+    if len(rows) < iterations:
+        fail(f"--pairs: {len(rows)} pairs cannot feed {iterations} iterations; lower --iterations")
+    size = len(rows) // iterations
+    return [rows[t * size:(t + 1) * size] for t in range(iterations)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Model loading.
 # ---------------------------------------------------------------------------------------------
 
-def load_policy(args, device):
-    """The tiny model (built and warmed up once, then cached in --out) or a pretrained one."""
+def load_policy(args, device, folder):
+    """A causal LM and its tokenizer from `folder` (a hub name or local folder). For --model
+    tiny the warm-up folder is built once, then reused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    folder = args.warmup if args.model == "tiny" else args.model
-    if args.model == "tiny" and not os.path.isfile(os.path.join(folder, "config.json")):
+    if folder == args.warmup and not os.path.isfile(os.path.join(folder, "config.json")):
         build_tiny(folder + ".tmp", seed=0)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(folder + ".tmp", folder)  # a half-written warm-up is never reused
@@ -296,7 +375,7 @@ def load_policy(args, device):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except (OSError, ValueError) as e:
-        fail(f"--model {args.model}: cannot be loaded ({str(e).splitlines()[0]}); "
+        fail(f"--model {args.model}: cannot be loaded from {folder} ({str(e).splitlines()[0]}); "
              "use --model tiny or a local folder")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
@@ -533,45 +612,155 @@ def train(model, pairs, ref_a, ref_b, args):
     loss_fn = LOSSES[args.loss]
     pad = pairs["pad_id"]
     n = len(pairs["prompt_ids"])
-    target = torch.tensor(pairs["target_logit"])
+    target = torch.as_tensor(pairs["target_logit"])
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr)
     from transformers import get_cosine_schedule_with_warmup
     steps = math.ceil(n / args.batch_size) * args.epochs
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
     tokens = 0
-    bar = tqdm(total=steps, desc="train", leave=False)
-    for epoch in range(args.epochs):
-        h_all, loss_all = torch.zeros(n), torch.zeros(n)
-        order = torch.randperm(n)
-        for start in range(0, n, args.batch_size):
-            batch = order[start:start + args.batch_size]
-            for m in range(0, len(batch), args.micro_batch_size):
-                idx = batch[m:m + args.micro_batch_size].tolist()
-                # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
-                prompt_ids = [pairs["prompt_ids"][i] for i in idx] * 2
-                response_ids = [pairs["a_ids"][i] for i in idx] + [pairs["b_ids"][i] for i in idx]
-                ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
-                logps_a, logps_b = sequence_logprobs(model, ids, attn, resp).cpu().split(len(idx))
-                logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
-                losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
-                (losses.sum() / len(batch)).backward()
-                h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
-                loss_all[idx] = losses.detach()
-                tokens += int(attn.sum())
-            norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if not torch.isfinite(norm):
-                raise FloatingPointError(f"non-finite gradient norm at epoch {epoch}")
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_all[batch].mean():.4f}")
-    bar.close()
+    with tqdm(total=steps, desc="train", leave=False) as bar:  # closed on errors too
+        for epoch in range(args.epochs):
+            h_all, loss_all = torch.zeros(n), torch.zeros(n)
+            order = torch.randperm(n)
+            for start in range(0, n, args.batch_size):
+                batch = order[start:start + args.batch_size]
+                for m in range(0, len(batch), args.micro_batch_size):
+                    idx = batch[m:m + args.micro_batch_size].tolist()
+                    # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
+                    prompt_ids = [pairs["prompt_ids"][i] for i in idx] * 2
+                    response_ids = [pairs["a_ids"][i] for i in idx] + [pairs["b_ids"][i] for i in idx]
+                    ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
+                    logps_a, logps_b = sequence_logprobs(model, ids, attn, resp).cpu().split(len(idx))
+                    logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
+                    losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
+                    if not torch.isfinite(losses).all():
+                        raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}")
+                    (losses.sum() / len(batch)).backward()
+                    h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
+                    loss_all[idx] = losses.detach()
+                    tokens += int(attn.sum())
+                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise FloatingPointError(f"the gradient became non-finite in epoch {epoch + 1}")
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                bar.update()
+                bar.set_postfix(loss=f"{loss_all[batch].mean():.4f}")
     return dict(loss=float(loss_all.mean()),
                 regression_mse=float(((h_all - target) ** 2).mean()),
                 sign_agreement=float((torch.sign(h_all) == torch.sign(target)).float().mean()),
                 reward_margin=float(h_all.mean())), tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that stop. Every iteration's folder is written under a temporary name and renamed when
+# complete, so a run killed at any point keeps its complete iterations; --resume continues
+# after the last one with the same random streams (each phase is seeded by its iteration).
+# ---------------------------------------------------------------------------------------------
+
+NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device"}
+RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
+PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
+
+
+def phase_seed(seed, iteration, phase):
+    """Every phase of every iteration gets its own seed, so that its randomness depends neither
+    on the phases before it nor on where a resumed run started (nor on Python's salted hash)."""
+    return (seed * 1_000_003 + iteration * 101 + PHASES[phase]) % 2**31
+
+
+def seed_phase(seed, iteration, phase):
+    torch.manual_seed(phase_seed(seed, iteration, phase))
+
+
+def write_atomic(path, text):
+    """Write a file under a temporary name, then rename it: readers see all of it or none."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def complete_iterations(out):
+    """k such that iteration_1 .. iteration_k are all complete (renamed into place)."""
+    k = 0
+    while os.path.isfile(os.path.join(out, f"iteration_{k + 1}", "metrics.json")):
+        k += 1
+    return k
+
+
+def remove(path):
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def prepare_out(args):
+    """Check that --out can be written and does not mix two runs. Returns the number of complete
+    iterations a --resume skips (0 otherwise)."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        write_atomic(os.path.join(args.out, ".write-test"), "")
+        os.remove(os.path.join(args.out, ".write-test"))
+    except OSError as e:
+        fail(f"--out {args.out}: cannot be written ({e.strerror}); choose another folder")
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS}
+    config_path = os.path.join(args.out, "config.json")
+    ours = [e for e in os.listdir(args.out) if e in RUN_FILES or e.startswith("iteration_")]
+    if ours and not (args.resume or args.overwrite):
+        fail(f"--out {args.out} already holds a run ({complete_iterations(args.out)} complete "
+             "iterations); add --resume to continue it or --overwrite to start again")
+    if ours and args.resume:
+        if not os.path.isfile(config_path):
+            fail(f"--resume: {args.out} has no config.json, so its settings are unknown; use --overwrite")
+        with open(config_path) as f:
+            saved = json.load(f)
+        diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (now {settings.get(k)})"
+                 for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+        if diffs:
+            fail(f"--resume: {args.out} was written with other settings: {', '.join(diffs)}; "
+                 "rerun with the same flags, or use --overwrite")
+    for entry in ours:
+        if args.overwrite or entry.endswith(".tmp"):  # a .tmp is an iteration cut short
+            remove(os.path.join(args.out, entry))
+    write_atomic(config_path, json.dumps(settings, indent=1) + "\n")
+    return complete_iterations(args.out) if args.resume else 0
+
+
+def save_eval(path, responses, logps):
+    write_atomic(path, json.dumps({"responses": responses, "logps": logps.tolist()}))
+
+
+def load_eval(path):
+    with open(path) as f:
+        saved = json.load(f)
+    return saved["responses"], torch.tensor(saved["logps"])
+
+
+def save_iteration(out, t, model, tokenizer, rows, current, current_logps, metrics):
+    """iteration_t/: the model, tokenizer, pairs, held-out samples and metrics, renamed into
+    place when complete; then metrics.jsonl is rewritten from every complete iteration. A full
+    disk (or any write error) removes the half-written folder and leaves the rest intact."""
+    final = os.path.join(out, f"iteration_{t}")
+    tmp = final + ".tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_atomic(os.path.join(tmp, "pairs.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        save_eval(os.path.join(tmp, "eval.json"), current, current_logps)
+        write_atomic(os.path.join(tmp, "metrics.json"), json.dumps(metrics) + "\n")
+        os.replace(tmp, final)
+        lines = []
+        for k in range(1, complete_iterations(out) + 1):
+            with open(os.path.join(out, f"iteration_{k}", "metrics.json")) as f:
+                lines.append(f.read())
+        write_atomic(os.path.join(out, "metrics.jsonl"), "".join(lines))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"writing {final} failed ({e.strerror}); the {t - 1} complete iterations before it are "
+             "intact; free some space, then rerun with --resume")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,86 +771,128 @@ def decode(tokenizer, responses):
     return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
 
 
-PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
+def degenerate(text_a, text_b):
+    """Nothing can be learned from identical responses, or from empty ones (including responses
+    truncated to nothing)."""
+    return text_a == text_b or not text_a.strip() or not text_b.strip()
 
 
-def phase_seed(seed, iteration, phase):
-    """Every phase of every iteration gets its own seed, so that its randomness does not depend
-    on how much randomness the phases before it used (nor on Python's salted hash)."""
-    return (seed * 1_000_003 + iteration * 101 + PHASES[phase]) % 2**31
+def sampled_pairs(model, tokenizer, panel, chunk, t, args):
+    """Steps 1-4: K samples per prompt from pi_t, the panel's votes, Zermelo ranking, best vs
+    worst, soft label. Returns the training rows, the count of skipped pairs, and timings."""
+    # 1. Sample K responses per prompt from pi_t.
+    seed_phase(args.seed, t, "sample")
+    tic = time.time()
+    prompt_ids = [encode_prompt(tokenizer, p) for p in chunk]
+    responses = sample(model, tokenizer, prompt_ids, args.num_responses, args, f"iter {t + 1} sample")
+    texts = decode(tokenizer, responses)
+    seconds_sample = time.time() - tic
+
+    # 2-4. The panel votes on every pair; Zermelo ranking; best vs worst; soft label.
+    tic = time.time()
+    panel.gen.manual_seed(phase_seed(args.seed, t, "annotate"))
+    k = args.num_responses
+    rows, skipped = [], 0
+    for q, lab in enumerate(annotate(panel, chunk, texts, k, args.smoothing)):
+        a, b = q * k + lab["best"], q * k + lab["worst"]
+        if degenerate(texts[a], texts[b]):
+            skipped += 1
+            continue
+        rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **lab,
+                         n_annotators=panel.n, prompt_ids=prompt_ids[q],
+                         a_ids=responses[a], b_ids=responses[b]))
+    eos = tokenizer.eos_token_id
+    stats = dict(response_tokens_mean=sum(map(len, responses)) / len(responses),
+                 eos_rate=sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
+                 seconds_sample=seconds_sample, seconds_annotate=time.time() - tic)
+    return rows, skipped, stats
 
 
-def seed_phase(seed, iteration, phase):
-    torch.manual_seed(phase_seed(seed, iteration, phase))
+def given_pairs(tokenizer, chunk):
+    """Steps 1-4 replaced by --pairs: tokenize the given pairs (unless they carry token ids)."""
+    rows, skipped, eos = [], 0, tokenizer.eos_token_id
+    for row in chunk:
+        row = dict(row)
+        where = row.pop("where")
+        if degenerate(row["response_a"], row["response_b"]):
+            skipped += 1
+            continue
+        if not row.get("prompt_ids"):
+            row["prompt_ids"] = encode_prompt(tokenizer, row["prompt"])
+        for side in "ab":
+            if not row.get(f"{side}_ids"):
+                text = row[f"response_{side}"]
+                row[f"{side}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        if max(row["prompt_ids"] + row["a_ids"] + row["b_ids"]) >= len(tokenizer):
+            fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
+        rows.append(row)
+    lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"]
+    return rows, skipped, dict(response_tokens_mean=sum(lengths) / max(1, len(lengths)),
+                               eos_rate=float("nan"), seconds_sample=0.0, seconds_annotate=0.0)
 
 
 def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
+    # Everything that can be wrong with the input is checked before anything expensive.
     device = pick_device(args.device)
     prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
     held_out, chunks = split_prompts(prompts, args)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        open(os.path.join(args.out, ".write-test"), "w").close()
-        os.remove(os.path.join(args.out, ".write-test"))
-    except OSError as e:
-        fail(f"--out {args.out}: cannot be written ({e.strerror})")
+    given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations) if args.pairs else None
+    start = prepare_out(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
-    print(f"device: {device}, {len(held_out)} held-out prompts, "
-          f"{len(chunks)} chunks of {len(chunks[0])} prompts")
+    print(f"device: {device}, {len(held_out)} held-out prompts, {len(chunks)} chunks of "
+          f"{len(given[0]) if given else len(chunks[0])} {'given pairs' if given else 'prompts'}"
+          + (f"; resuming after iteration {start}" if start else ""))
+    history = []
+    for t in range(1, start + 1):
+        with open(os.path.join(args.out, f"iteration_{t}", "metrics.json")) as f:
+            history.append(json.load(f))
+    if start == args.iterations:
+        print(f"all {start} iterations are complete in {args.out}/")
+        return history
 
-    model, tokenizer = load_policy(args, device)
+    first = args.warmup if args.model == "tiny" else args.model
+    model, tokenizer = load_policy(args, device, os.path.join(args.out, f"iteration_{start}") if start else first)
     pad = tokenizer.pad_token_id
     panel = SimulatedPanel(args.num_annotators, args.sharpness, args.seed)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    open(metrics_path, "w").close()
 
-    # pi_0 on the held-out prompts: one sample per prompt, kept for every later comparison.
-    seed_phase(args.seed, 0, "eval")
-    eval_ids = [encode_prompt(tokenizer, p) for p in held_out for _ in range(args.eval_samples)]
+    # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
+    # comparison (and saved, so that a resumed run compares against the very same samples).
     eval_prompts = [p for p in held_out for _ in range(args.eval_samples)]
-    initial = sample(model, tokenizer, eval_ids, 1, args, "sample pi_0")
+    eval_ids = [encode_prompt(tokenizer, p) for p in eval_prompts]
+    initial_path = os.path.join(args.out, "initial_eval.json")
+    if start:
+        initial, initial_logps = load_eval(initial_path)
+        previous, previous_logps = load_eval(os.path.join(args.out, f"iteration_{start}", "eval.json"))
+    else:
+        seed_phase(args.seed, 0, "eval")
+        initial = sample(model, tokenizer, eval_ids, 1, args, "sample pi_0")
+        initial_logps = batched_logprobs(model, eval_ids, initial, pad, args.sample_batch_size)
+        save_eval(initial_path, initial, initial_logps)
+        previous, previous_logps = initial, initial_logps  # samples of pi_t and their log pi_t
     initial_texts = decode(tokenizer, initial)
-    initial_logps = batched_logprobs(model, eval_ids, initial, pad, args.sample_batch_size)
-    previous, previous_logps = initial, initial_logps  # samples of pi_t and their log pi_t
     print(f"pi_0: true reward {panel.reward(initial_texts).mean():.3f} on held-out prompts")
 
-    history = []
-    for t, chunk in enumerate(chunks):
-        # 1. Sample K responses per prompt from pi_t.
-        seed_phase(args.seed, t, "sample")
-        tic = time.time()
-        prompt_ids = [encode_prompt(tokenizer, p) for p in chunk]
-        responses = sample(model, tokenizer, prompt_ids, args.num_responses, args, f"iter {t + 1} sample")
-        texts = decode(tokenizer, responses)
-        seconds_sample = time.time() - tic
-
-        # 2-4. The panel votes on every pair; Zermelo ranking; best vs worst; soft label.
-        tic = time.time()
-        panel.gen.manual_seed(phase_seed(args.seed, t, "annotate"))
-        k = args.num_responses
-        labels = annotate(panel, chunk, texts, k, args.smoothing)
-        rows, skipped = [], 0
-        for q, lab in enumerate(labels):
-            a, b = responses[q * k + lab["best"]], responses[q * k + lab["worst"]]
-            text_a, text_b = texts[q * k + lab["best"]], texts[q * k + lab["worst"]]
-            if lab["best"] == lab["worst"] or text_a == text_b or not text_a or not text_b:
-                skipped += 1  # nothing to learn from a pair of equal (or empty) responses
-                continue
-            rows.append(dict(prompt=chunk[q], response_a=text_a, response_b=text_b, **lab,
-                             n_annotators=panel.n, prompt_ids=prompt_ids[q], a_ids=a, b_ids=b))
-        seconds_annotate = time.time() - tic
+    for t in range(start, args.iterations):
+        # 1-4. Sample, annotate, rank, label (or take the given pairs).
+        if given:
+            rows, skipped, stats = given_pairs(tokenizer, given[t])
+        else:
+            rows, skipped, stats = sampled_pairs(model, tokenizer, panel, chunks[t], t, args)
         if not rows:
-            fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses)")
-        pairs = dict(pad_id=pad, prompt_ids=[r["prompt_ids"] for r in rows],
-                     a_ids=[r["a_ids"] for r in rows], b_ids=[r["b_ids"] for r in rows],
-                     target_logit=[r["target_logit"] for r in rows])
+            fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
+                 "try a higher --temperature or more --num-responses")
+        target = torch.tensor([r["target_logit"] for r in rows])
+        if not torch.isfinite(target).all():
+            fail(f"iteration {t + 1}: a target logit is not finite; --smoothing must be > 0")
 
         # 5. log pi_t of both responses, once, without gradients: pi_t is the reference, and
         #    these cached numbers are the only trace of it (no second model in memory).
         tic = time.time()
-        ref_a = batched_logprobs(model, pairs["prompt_ids"], pairs["a_ids"], pad, args.micro_batch_size)
-        ref_b = batched_logprobs(model, pairs["prompt_ids"], pairs["b_ids"], pad, args.micro_batch_size)
+        prompt_ids = [r["prompt_ids"] for r in rows]
+        a_ids, b_ids = [r["a_ids"] for r in rows], [r["b_ids"] for r in rows]
+        ref_a = batched_logprobs(model, prompt_ids, a_ids, pad, args.micro_batch_size)
+        ref_b = batched_logprobs(model, prompt_ids, b_ids, pad, args.micro_batch_size)
         for row, la, lb in zip(rows, ref_a.tolist(), ref_b.tolist()):
             row.update(logp_ref_a=la, logp_ref_b=lb)  # saved, so anyone can check them
 
@@ -671,7 +902,11 @@ def run(args):
         seed_phase(args.seed, t, "train")
         for p in model.parameters():
             p.requires_grad_(True)
-        fit, tokens = train(model, pairs, ref_a, ref_b, args)
+        try:
+            fit, tokens = train(model, dict(pad_id=pad, prompt_ids=prompt_ids, a_ids=a_ids, b_ids=b_ids,
+                                            target_logit=target), ref_a, ref_b, args)
+        except FloatingPointError as e:
+            fail(f"iteration {t + 1}: {e}; try a lower --lr ({t} complete iterations are kept in {args.out}/)")
         for p in model.parameters():
             p.requires_grad_(False)
         seconds_train = time.time() - tic
@@ -679,14 +914,16 @@ def run(args):
         # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
         tic = time.time()
         seed_phase(args.seed, t, "eval")
+        panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
         current = sample(model, tokenizer, eval_ids, 1, args, f"iter {t + 1} eval")
         current_texts = decode(tokenizer, current)
         win_rate = panel.compare(eval_prompts, current_texts, initial_texts).mean()
         # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
         # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
-        kl_ref = (previous_logps - batched_logprobs(model, eval_ids, previous, pad, args.sample_batch_size)).mean()
-        kl_init = (initial_logps - batched_logprobs(model, eval_ids, initial, pad, args.sample_batch_size)).mean()
-        previous, previous_logps = current, batched_logprobs(model, eval_ids, current, pad, args.sample_batch_size)
+        logps = lambda responses: batched_logprobs(model, eval_ids, responses, pad, args.sample_batch_size)
+        kl_ref = (previous_logps - logps(previous)).mean()
+        kl_init = (initial_logps - logps(initial)).mean()
+        previous, previous_logps = current, logps(current)
         seconds_eval = time.time() - tic
 
         metrics = dict(
@@ -694,43 +931,21 @@ def run(args):
             win_rate_vs_initial=float(win_rate),
             true_reward=float(panel.reward(current_texts).mean()),
             kl_to_reference=float(kl_ref), kl_to_initial=float(kl_init),
-            target_logit_mean=sum(pairs["target_logit"]) / len(rows),
-            response_tokens_mean=sum(map(len, responses)) / len(responses),
-            eos_rate=sum(bool(r) and r[-1] == tokenizer.eos_token_id for r in responses) / len(responses),
-            pairs=len(rows), skipped_pairs=skipped,
-            seconds_sample=seconds_sample, seconds_annotate=seconds_annotate,
-            seconds_train=seconds_train, seconds_eval=seconds_eval,
-            train_tokens_per_s=tokens / seconds_train,
-            peak_memory_mb=peak_memory_mb(device),
+            target_logit_mean=float(target.mean()), pairs=len(rows), skipped_pairs=skipped,
+            **stats, seconds_train=seconds_train, seconds_eval=seconds_eval,
+            train_tokens_per_s=tokens / seconds_train, peak_memory_mb=peak_memory_mb(device),
         )
-        save_iteration(args.out, t + 1, model, tokenizer, rows, metrics)
+        save_iteration(args.out, t + 1, model, tokenizer, rows, current, previous_logps, metrics)
         history.append(metrics)
         print(f"iter {t + 1} | loss {fit['loss']:.4f} | mse {fit['regression_mse']:.4f} "
               f"| sign {fit['sign_agreement']:.2f} | win {metrics['win_rate_vs_initial']:.3f} "
               f"| reward {metrics['true_reward']:+.3f} | kl_ref {metrics['kl_to_reference']:.3f} "
-              f"| len {metrics['response_tokens_mean']:.1f} | sample {seconds_sample:.1f}s "
-              f"annotate {seconds_annotate:.1f}s train {seconds_train:.1f}s "
+              f"| len {metrics['response_tokens_mean']:.1f} | sample {stats['seconds_sample']:.1f}s "
+              f"annotate {stats['seconds_annotate']:.1f}s train {seconds_train:.1f}s "
               f"({metrics['train_tokens_per_s']:.0f} tok/s)")
     for prompt, before, after in list(zip(eval_prompts, initial_texts, current_texts))[::args.eval_samples][:3]:
-        print(f"  {prompt!r}\n    pi_0: {before}\n    pi_{len(chunks)}: {after}")
+        print(f"  {prompt!r}\n    pi_0: {before}\n    pi_{args.iterations}: {after}")
     return history
-
-
-def save_iteration(out, t, model, tokenizer, rows, metrics):
-    """iteration_t/ holds the model, tokenizer and pairs; it is written under a temporary name
-    and renamed when complete, and only then is its metrics row appended."""
-    final = os.path.join(out, f"iteration_{t}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "pairs.jsonl"), "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -935,7 +1150,7 @@ def compare_losses(args, seeds=3):
     for loss in LOSSES:
         for s in range(seeds):
             sub = argparse.Namespace(**vars(args))
-            sub.loss, sub.seed = loss, args.seed + s
+            sub.loss, sub.seed, sub.overwrite, sub.resume = loss, args.seed + s, True, False
             sub.out = os.path.join(args.out, "compare", f"{loss}_seed{sub.seed}")
             print(f"\n=== --loss {loss} --seed {sub.seed} ===")
             finals.setdefault(loss, []).append(run(sub)[-1])
@@ -952,6 +1167,10 @@ def compare_losses(args, seeds=3):
     return finals
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.theory:
@@ -964,7 +1183,15 @@ def main(argv=None):
     tic = time.time()
     if args.compare:
         return compare_losses(args)
-    history = run(args)
+    signal.signal(signal.SIGTERM, interrupt)  # a scheduler's SIGTERM is handled like Ctrl-C
+    try:
+        history = run(args)
+    except KeyboardInterrupt:
+        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
+        print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations are kept "
+              f"in {args.out}/. Resume with: python irepo.py {shlex.join(argv + ['--resume'])}",
+              file=sys.stderr)
+        sys.exit(130)
     last = history[-1]
     rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history)
     print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}, "

@@ -8,8 +8,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -438,3 +440,196 @@ def test_theory_report_prints_every_claim(capsys):
     for claim in ("Claim 1.", "Claim 2.", "Claim 3.", "Claim 4."):
         assert claim in out
     assert "log-log slope" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs that stop, refusals and errors (every bad input: exit 2, one line, no traceback).
+# ---------------------------------------------------------------------------------------------
+
+TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_train", "seconds_eval",
+               "train_tokens_per_s", "peak_memory_mb"}
+
+
+def cli(*argv, timeout=300):
+    """Run the real command line, offline."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, os.path.join(HERE, "irepo.py"), *argv], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def assert_one_line_error(proc, message):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert errors[0].startswith("irepo.py: error: ")
+
+
+def metrics_without_timing(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
+def test_refuses_to_mix_runs(warm_tiny, tmp_path):
+    """A second run into the same --out is refused without --resume or --overwrite; --resume with
+    other settings is refused and names them; --overwrite starts again."""
+    out = tmp_path / "run"
+    run_with_warmup(warm_tiny, str(out))
+    assert_one_line_error(cli(*small_run_args(out)), f"--out {out} already holds a run (2 complete iterations)")
+    proc = cli(*small_run_args(out, "--resume", "--beta", "0.5", "--num-responses", "3"))
+    assert_one_line_error(proc, "was written with other settings: --beta 1.0 (now 0.5), --num-responses 4 (now 3)")
+    assert_one_line_error(cli(*small_run_args(out, "--resume", "--overwrite")), "--resume and --overwrite: choose one")
+    proc = cli(*small_run_args(out, "--overwrite", "--iterations", "1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "iteration_2").exists() and (out / "iteration_1").exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(warm_tiny, tmp_path_factory):
+    """The metrics of an uninterrupted 3-iteration run, for the resume tests to match."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_with_warmup(warm_tiny, str(out), "--iterations", "3")
+    return metrics_without_timing(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killed_run_resumes_to_the_same_metrics(warm_tiny, uninterrupted, tmp_path, sig):
+    """A run killed mid-iteration (after iteration 1 is complete) and resumed with --resume ends
+    with the same metrics as an uninterrupted run, bit for bit apart from wall-clock timings.
+    SIGINT and SIGTERM also print how to resume."""
+    out = tmp_path / "run"
+    os.makedirs(out)
+    shutil.copytree(warm_tiny, out / "warmup")
+    argv = [sys.executable, os.path.join(HERE, "irepo.py"), *small_run_args(out, "--iterations", "3")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 240
+    while not (out / "iteration_1").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    done = irepo.complete_iterations(str(out))
+    assert 1 <= done < 3, f"the signal did not land mid-run ({done} iterations complete)"
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 130 and "Traceback" not in err
+        assert f"{done} complete iterations are kept" in err
+        assert "Resume with: python irepo.py" in err and err.strip().endswith("--resume")
+    resumed = cli(*small_run_args(out, "--iterations", "3", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming after iteration {done}" in resumed.stdout
+    assert metrics_without_timing(out) == uninterrupted
+    assert not list(out.glob("*.tmp"))
+
+
+def test_pairs_file_reproduces_a_training_step(warm_tiny, tmp_path):
+    """--pairs on a saved iteration_1/pairs.jsonl, from the same pi_0 and seed, trains to the
+    very same weights as the run that wrote it."""
+    from transformers import AutoModelForCausalLM
+    first = tmp_path / "first"
+    rows = run_with_warmup(warm_tiny, str(first), "--iterations", "1")
+    again = tmp_path / "again"
+    rows_again = run_with_warmup(warm_tiny, str(again), "--iterations", "1",
+                                 "--pairs", str(first / "iteration_1" / "pairs.jsonl"))
+    assert rows_again[0]["loss"] == rows[0]["loss"] and rows_again[0]["pairs"] == rows[0]["pairs"]
+    a = AutoModelForCausalLM.from_pretrained(first / "iteration_1").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(again / "iteration_1").state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not torch.equal(a["lm_head.weight"], AutoModelForCausalLM.from_pretrained(first / "warmup").state_dict()["lm_head.weight"])
+
+
+def test_pairs_file_with_text_only_and_degenerate_pairs(warm_tiny, tmp_path):
+    """Pairs given as text (no token ids), labelled by target_logit, p_hat or votes, train; pairs
+    of identical or empty responses are skipped and counted in skipped_pairs."""
+    lines = [
+        {"prompt": "review the hotel", "response_a": "the hotel was great .", "response_b": "the hotel was bad .", "target_logit": 2.0},
+        {"prompt": "describe the car", "response_a": "the car was fun .", "response_b": "the car was dull .", "p_hat": 0.8},
+        {"prompt": "review the book", "response_a": "the book was poor .", "response_b": "the book was good .", "votes_a": 1, "n_annotators": 4},
+        {"prompt": "review the park", "response_a": "the park was fine .", "response_b": "the park was fine .", "p_hat": 0.5},
+        {"prompt": "review the song", "response_a": "", "response_b": "the song was fine .", "p_hat": 0.3},
+    ]
+    path = tmp_path / "given.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "run"
+    rows = run_with_warmup(warm_tiny, str(out), "--iterations", "1", "--pairs", str(path))
+    assert rows[0]["pairs"] == 3 and rows[0]["skipped_pairs"] == 2
+    saved = [json.loads(line) for line in open(out / "iteration_1" / "pairs.jsonl")]
+    assert [p["target_logit"] for p in saved] == pytest.approx([2.0, math.log(4.0), math.log(1.5 / 3.5)])
+
+
+def test_bad_pairs_files_name_the_line_and_field(tmp_path):
+    """Every malformed pairs file stops before any work, naming the file, line and field."""
+    good = '{"prompt": "p", "response_a": "a", "response_b": "b", "p_hat": 0.7}'
+    cases = {
+        "missing.jsonl": (None, "--pairs {path}: no such file"),
+        "empty.jsonl": ("\n", "--pairs {path}: the file holds no pair"),
+        "latin1.jsonl": (b"\xe9t\xe9\n", "--pairs {path}: not UTF-8 text"),
+        "broken.jsonl": (good + "\n{not json\n", "{path}:2: malformed JSON"),
+        "array.jsonl": ("[1, 2]\n", "{path}:1: expected a JSON object"),
+        "nofield.jsonl": ('{"prompt": "p", "response_a": "a", "p_hat": 0.5}\n', "{path}:1: field 'response_b' must be a string"),
+        "phat.jsonl": (good + "\n" + good.replace("0.7", "1.0") + "\n", "{path}:2: field 'p_hat' must be a number strictly between 0 and 1"),
+        "nan.jsonl": (good.replace('"p_hat": 0.7', '"target_logit": NaN') + "\n", "{path}:1: field 'target_logit' must be a finite number"),
+        "votes.jsonl": (good.replace('"p_hat": 0.7', '"votes_a": 5, "n_annotators": 4') + "\n", "{path}:1: field 'votes_a' must be a number in [0, n_annotators]"),
+        "nolabel.jsonl": (good.replace(', "p_hat": 0.7', '') + "\n", "{path}:1: needs a field 'target_logit', 'p_hat', or 'votes_a'"),
+        "ids.jsonl": (good.replace("}", ', "a_ids": [1, -2]}') + "\n", "{path}:1: field 'a_ids' must be a list of token ids"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        proc = cli("--pairs", str(path), "--out", str(tmp_path / "out"))
+        assert_one_line_error(proc, message.format(path=path))
+        assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_stop_before_work(tmp_path):
+    """Non-UTF-8 prompts, an --out that cannot be written, a model that cannot be loaded, and
+    more held-out prompts than exist: exit 2, one line, no traceback."""
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9\n")
+    assert_one_line_error(cli("--prompts", str(latin1), "--out", str(tmp_path / "o")),
+                          f"--prompts {latin1}: not UTF-8 text")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line_error(cli("--out", str(blocker / "out")), f"--out {blocker / 'out'}: cannot be written")
+    assert_one_line_error(cli("--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")),
+                          f"--model {tmp_path / 'no-such-model'}: cannot be loaded")
+    assert_one_line_error(cli("--eval-prompts", "1000", "--out", str(tmp_path / "o2")),
+                          "--eval-prompts 1000: only 640 prompts exist")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_completed_iterations(warm_tiny, tmp_path, capsys):
+    """A learning rate that blows the weights up makes the loss non-finite: the run stops with
+    one line, exit 2, and no half-written iteration."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_with_warmup(warm_tiny, str(out), "--lr", "1e30")
+    assert stop.value.code == 2
+    errors = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in l]
+    assert len(errors) == 1 and "became non-finite" in errors[0] and "--lr" in errors[0]
+    assert not list(out.glob("iteration_*"))
+
+
+def test_full_disk_keeps_the_previous_iteration(warm_tiny, tmp_path, capsys, monkeypatch):
+    """If the disk fills up while iteration 2 is written, the run stops with one line and exit 2,
+    iteration 1 stays complete and loadable, and nothing half-written is left."""
+    import errno
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+    real = PreTrainedModel.save_pretrained
+
+    def save_or_fill(self, folder, *a, **k):
+        if "iteration_2" in str(folder):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, folder, *a, **k)
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_or_fill)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_with_warmup(warm_tiny, str(out))
+    assert stop.value.code == 2
+    errors = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in l]
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "--resume" in errors[0]
+    assert sorted(p.name for p in out.glob("iteration_*")) == ["iteration_1"]
+    AutoModelForCausalLM.from_pretrained(out / "iteration_1")
+    assert len(metrics_without_timing(out)) == 1
