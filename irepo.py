@@ -52,13 +52,46 @@ from tqdm.auto import tqdm
 # Configuration. Presets are data; every value in a preset can be overridden by its flag.
 # ---------------------------------------------------------------------------------------------
 
+_LLM = dict(  # what the paper's Phi-2 and Mistral-7B settings share; the README explains each value
+    iterations=3, num_responses=4, num_annotators=8, beta=0.01, lr=5e-6, warmup_ratio=0.1,
+    epochs=1, max_new_tokens=256, max_prompt_tokens=512, temperature=0.7,
+    prompts_per_iteration=None, eval_prompts=64, eval_samples=1, lora_rank=16, lora_alpha=32,
+    gradient_checkpointing=True, annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2",
+)
 PRESETS = {
     "tiny": dict(  # the built-in default: a word-level GPT-2 trained for seconds on a toy corpus
         iterations=3, num_responses=4, num_annotators=8, beta=1.0, lr=3e-4, batch_size=16,
-        micro_batch_size=16, epochs=4, max_new_tokens=20, temperature=1.0, warmup_ratio=0.1,
-        prompts_per_iteration=192, eval_prompts=64, eval_samples=4, sample_batch_size=128,
+        micro_batch_size=16, epochs=4, max_new_tokens=20, max_prompt_tokens=64, temperature=1.0,
+        warmup_ratio=0.1, prompts_per_iteration=192, eval_prompts=64, eval_samples=4,
+        sample_batch_size=128, lora_rank=0, lora_alpha=0, lora_targets="c_attn,c_proj,c_fc",
+        gradient_checkpointing=False, annotators="sim", chat_format="tiny",
     ),
+    "phi-2": dict(_LLM, batch_size=16, micro_batch_size=4, sample_batch_size=32, chat_format="chatml",
+                  lora_targets="q_proj,k_proj,v_proj,dense,fc1,fc2"),
+    "mistral-7b": dict(_LLM, batch_size=8, micro_batch_size=2, sample_batch_size=16, chat_format="mistral",
+                       lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
 }
+# Prompt formats for tokenizers that bring no chat template of their own.
+CHAT_TEMPLATES = {
+    "tiny": "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+            "{% if add_generation_prompt %}<reply>{% endif %}",
+    "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] "
+               "{{ m['content'] }} [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+               "{% endfor %}",
+}
+
+
+def preset_for(model):
+    """The preset a --model name implies: Phi-2 and Mistral-7B (base and Instruct) by name,
+    tiny for 'tiny', and the Phi-2 preset for any other checkpoint."""
+    name = model.rstrip("/").lower()
+    if name == "tiny":
+        return "tiny"
+    if name.startswith("mistralai/mistral-7b"):
+        return "mistral-7b"
+    return "phi-2"
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,10 +110,13 @@ def parse_args(argv=None):
     a = p.add_argument
     # what to run
     a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
+    a("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
     a("--out", default="out", help="output folder: iterations, pairs, metrics")
-    a("--prompts", default=None, help="FILE: .txt (one prompt a line) or .jsonl with a 'prompt' field")
+    a("--prompts", default=None, help="FILE: .txt (one prompt a line), or .jsonl with a 'prompt' "
+      "string or a chat 'messages' list")
     a("--pairs", default=None, help="FILE: train on these labelled pairs (pairs.jsonl format) "
       "instead of sampling and annotating")
+    a("--annotators", help="the panel, e.g. 'sim', 'sim:8,judge:MODEL', 'rm:MODEL', 'self', 'human'")
     a("--resume", action="store_true", help="continue the run in --out after its last complete iteration")
     a("--overwrite", action="store_true", help="replace the run in --out (its warm-up cache is kept)")
     a("--loss", default="irepo", choices=["irepo", "dpo", "ipo"], help="objective (same family)")
@@ -90,7 +126,7 @@ def parse_args(argv=None):
     # the method (None: the preset's value)
     a("--iterations", type=int, help="T, the number of iterations (fresh prompts each)")
     a("--num-responses", type=int, help="K, responses sampled per prompt")
-    a("--num-annotators", type=int, help="N, annotators in the panel; each votes once per pair")
+    a("--num-annotators", type=int, help="N, simulated annotators in 'sim'; each votes once per pair")
     a("--beta", type=float, help="beta, the KL strength in r = beta*log(pi/pi_ref)")
     a("--smoothing", type=float, default=0.5, help="votes added to each side of p_hat")
     a("--sharpness", type=float, default=1.0, help="s in the simulated votes sigma(s*(r_a - r_b))")
@@ -101,17 +137,25 @@ def parse_args(argv=None):
     a("--micro-batch-size", type=int, help="pairs per forward pass (gradient accumulation)")
     a("--epochs", type=int, help="passes over each iteration's pairs")
     a("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    a("--lora-rank", type=int, help="LoRA rank; 0 trains every weight")
+    a("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank")
+    a("--lora-targets", help="comma-separated names of the linear layers that get adapters")
+    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+      help="recompute activations in the backward pass to save memory")
     # sampling and evaluation
     a("--max-new-tokens", type=int, help="longest response, in tokens")
+    a("--max-prompt-tokens", type=int, help="longer prompts keep their last tokens")
     a("--temperature", type=float, help="sampling temperature (scoring always uses 1)")
-    a("--prompts-per-iteration", type=int, help="size of each iteration's prompt chunk")
+    a("--chat-format", choices=sorted(CHAT_TEMPLATES), help="prompt format if the tokenizer has no chat template")
+    a("--prompts-per-iteration", type=int, help="size of each iteration's prompt chunk (default: all)")
     a("--eval-prompts", type=int, help="held-out prompts for the win-rate against pi_0")
     a("--eval-samples", type=int, help="responses per held-out prompt, for less noisy estimates")
     a("--sample-batch-size", type=int, help="prompts per generate() call")
     a("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     args = p.parse_args(argv)
 
-    for key, value in PRESETS["tiny"].items():  # fill what the flags left unset
+    args.preset = args.preset or preset_for(args.model)
+    for key, value in PRESETS[args.preset].items():  # fill what the flags left unset
         if getattr(args, key) is None:
             setattr(args, key, value)
     checks = [
@@ -127,18 +171,25 @@ def parse_args(argv=None):
         ("--micro-batch-size", args.micro_batch_size >= 1, "must be >= 1"),
         ("--epochs", args.epochs >= 1, "must be >= 1"),
         ("--max-grad-norm", args.max_grad_norm > 0, "must be > 0"),
+        ("--lora-rank", args.lora_rank >= 0, "must be >= 0 (0: full fine-tuning)"),
+        ("--lora-alpha", args.lora_alpha >= 0, "must be >= 0"),
         ("--max-new-tokens", args.max_new_tokens >= 1, "must be >= 1"),
+        ("--max-prompt-tokens", args.max_prompt_tokens >= 1, "must be >= 1"),
         ("--temperature", args.temperature > 0, "must be > 0"),
-        ("--prompts-per-iteration", args.prompts_per_iteration >= 1, "must be >= 1"),
+        ("--prompts-per-iteration", (args.prompts_per_iteration or 1) >= 1, "must be >= 1"),
         ("--eval-prompts", args.eval_prompts >= 1, "must be >= 1"),
         ("--eval-samples", args.eval_samples >= 1, "must be >= 1"),
         ("--sample-batch-size", args.sample_batch_size >= 1, "must be >= 1"),
     ]
     for flag, ok, why in checks:
-        if not (ok and math.isfinite(getattr(args, flag[2:].replace("-", "_")))):
-            fail(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {why}")
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if not (ok and math.isfinite(value or 0)):
+            fail(f"{flag} {value}: {why}")
+    if args.lora_rank and not args.lora_targets.strip(","):
+        fail("--lora-targets: name at least one layer, or use --lora-rank 0")
     if args.resume and args.overwrite:
         fail("--resume and --overwrite: choose one")
+    args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
     args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
     args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
     return args
@@ -180,7 +231,6 @@ POSITIVE = "great good lovely wonderful fun amazing".split()
 NEGATIVE = "bad awful boring terrible dull poor".split()
 NEUTRAL = "fine okay long quiet busy usual".split()
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<reply>"]
-TINY_PROMPT_FORMAT = "{prompt} <reply>"
 
 
 def hidden_reward(text):
@@ -211,12 +261,13 @@ def build_tiny(folder, seed=0, steps=600):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     words = sorted(set(" ".join(tiny_prompts() + TOPICS + ASPECTS + POSITIVE + NEGATIVE + NEUTRAL
-                                + ["the was and ."]).split()))
+                                + ["the was and . A B"]).split()))  # A, B: for --annotators self
     vocab = {w: i for i, w in enumerate(SPECIALS + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
                                         unk_token="<unk>", additional_special_tokens=["<reply>"])
+    tokenizer.chat_template = CHAT_TEMPLATES["tiny"]  # "review the hotel <reply>"
     config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=64, n_layer=2, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                         bos_token_id=vocab["<eos>"], eos_token_id=vocab["<eos>"],
@@ -274,13 +325,26 @@ def read_jsonl(path, flag):
 
 
 def read_prompts(path):
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ('prompt' field)."""
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file with a 'prompt' string
+    or a chat 'messages' list (a conversation ending in a user turn; a final assistant turn,
+    as in UltraFeedback's 'messages', is dropped: it is the response, not the prompt)."""
     if path.endswith(".jsonl"):
         prompts = []
         for where, row in read_jsonl(path, "--prompts"):
-            if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-                fail(f"{where}: needs a non-empty string field 'prompt'")
-            prompts.append(row["prompt"].strip())
+            if isinstance(row.get("messages"), list):
+                messages = row["messages"]
+                if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in messages):
+                    fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
+                while messages and messages[-1]["role"] == "assistant":
+                    messages = messages[:-1]
+                if not messages or messages[-1]["role"] != "user":
+                    fail(f"{where}: field 'messages' must end with a user turn")
+                prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
+            elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+                prompts.append(row["prompt"].strip())
+            else:
+                fail(f"{where}: needs a non-empty string field 'prompt' or a list field 'messages'")
     else:
         prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
     if not prompts:
@@ -346,7 +410,7 @@ def split_prompts(prompts, args):
     if len(rest) < args.iterations:
         fail(f"--iterations {args.iterations}: only {len(rest)} prompts are left after "
              f"--eval-prompts {args.eval_prompts}; give more prompts or fewer iterations")
-    size = min(args.prompts_per_iteration, len(rest) // args.iterations)
+    size = min(args.prompts_per_iteration or len(rest), len(rest) // args.iterations)
     return held_out, [rest[t * size:(t + 1) * size] for t in range(args.iterations)]
 
 
@@ -372,25 +436,113 @@ def load_policy(args, device, folder):
         os.replace(folder + ".tmp", folder)  # a half-written warm-up is never reused
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
-    except (OSError, ValueError) as e:
-        fail(f"--model {args.model}: cannot be loaded from {folder} ({str(e).splitlines()[0]}); "
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device),
+                                                     attn_implementation="sdpa").to(device)
+    except (OSError, ValueError, ImportError) as e:
+        fail(f"--model {args.model}: cannot be loaded from {folder} ({first_line(e)}); "
              "use --model tiny or a local folder")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
-    model.eval()  # dropout stays off throughout, so that pi_theta == pi_t at the first step
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]  # saved with every iteration
+    disable_dropout(model)
+    if args.lora_rank and not lora_layers(model, args.lora_targets):
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
+        fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that name; "
+             f"its linear layers are {','.join(linear)}")
     return model, tokenizer
 
 
-def encode_prompt(tokenizer, prompt):
-    """Token ids of a prompt, in the tokenizer's chat template if it has one."""
-    if tokenizer.chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                             tokenize=False, add_generation_prompt=True)
-    else:
-        text = TINY_PROMPT_FORMAT.format(prompt=prompt)
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
+def model_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def disable_dropout(model):
+    """Zero every dropout, so that training-mode forward passes (needed for gradient
+    checkpointing) compute the same function as evaluation: pi_theta == pi_t at the first step."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA, in the file: adapters on the chosen linear layers, merged back after every iteration so
+# that each saved iteration is a plain model and pi_t is exactly the next reference.
+# ---------------------------------------------------------------------------------------------
+
+def is_linear(module):
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
+
+
+class LoRALinear(torch.nn.Module):
+    """y = base(x) + (alpha / r) * B A x. B starts at zero, so the adapted model starts exactly
+    at pi_t; A and B are fp32 whatever the base's dtype, so that small updates are not rounded
+    away in bf16."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.transposed = not isinstance(base, torch.nn.Linear)  # Conv1D stores W as (in, out)
+        d_out, d_in = base.weight.shape[::-1] if self.transposed else base.weight.shape
+        self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=base.weight.device))
+        self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=base.weight.device))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return self.base(x) + (self.scale * (x.float() @ self.A.T @ self.B.T)).to(x.dtype)
+
+    @torch.no_grad()
+    def merged(self):
+        delta = self.scale * (self.B @ self.A)  # (out, in), in fp32
+        self.base.weight += (delta.T if self.transposed else delta).to(self.base.weight.dtype)
+        return self.base
+
+
+def lora_layers(model, targets):
+    names = {t.strip() for t in targets.split(",") if t.strip()}
+    return [n for n, m in model.named_modules() if n.split(".")[-1] in names and is_linear(m)]
+
+
+def add_lora(model, rank, alpha, targets):
+    """Freeze the model, wrap the target layers in LoRALinear; returns the adapter parameters."""
+    model.requires_grad_(False)
+    for name in lora_layers(model, targets):
+        parent, _, child = name.rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        setattr(holder, child, LoRALinear(getattr(holder, child), rank, alpha))
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)]
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight and put the plain layer back."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.merged())
+
+
+def as_messages(prompt):
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def prompt_text(prompt):
+    """What annotators are shown as the instruction: the prompt, or a chat's last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def encode_prompt(tokenizer, prompt, max_tokens=None):
+    """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
+    one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
+    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has any BOS
+    return ids[-max_tokens:] if max_tokens else ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,6 +565,12 @@ def collate(prompt_ids, response_ids, pad_id, device):
         attn[i, P - len(p):P + len(r)] = 1
         resp[i, P:P + len(r)] = 1
     return ids.to(device), attn.to(device), resp.to(device)
+
+
+def left_pad(prompt_ids, pad_id, device):
+    """Prompts alone, left-padded to a common length: input_ids and attention_mask (B, P)."""
+    ids, attn, _ = collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)
+    return ids[:, :-1], attn[:, :-1]  # collate leaves one response slot; drop it
 
 
 def sequence_logprobs(model, input_ids, attention_mask, response_mask):
@@ -467,9 +625,7 @@ def sample(model, tokenizer, prompt_ids, k, args, desc):
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     responses = []
     for i in tqdm(range(0, len(prompt_ids), args.sample_batch_size), desc=desc, leave=False):
-        chunk = prompt_ids[i:i + args.sample_batch_size]
-        ids, attn, _ = collate(chunk, [[]] * len(chunk), pad, model.device)
-        ids, attn = ids[:, :-1], attn[:, :-1]  # collate leaves one response slot; drop it
+        ids, attn = left_pad(prompt_ids[i:i + args.sample_batch_size], pad, model.device)
         # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature).
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
@@ -480,24 +636,184 @@ def sample(model, tokenizer, prompt_ids, k, args, desc):
 
 
 # ---------------------------------------------------------------------------------------------
-# Annotators. A panel answers, for each pair (a, b), N values in [0, 1]: each annotator's vote
-# (or probability) that a is better than b.
+# Annotators. Each answers, for every pair (a, b), n values in [0, 1]: a vote or a probability
+# that a is better than b, or nan for no answer. A panel stacks its annotators' answers.
+# --annotators is a comma-separated list of:
+#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
+#   judge:MODEL  a causal LM asked which response is better, in both orders
+#   self         the policy itself as that judge (self-alignment)
+#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
+#   human        a person at the terminal, answering a, b or skip
 # ---------------------------------------------------------------------------------------------
 
-class SimulatedPanel:
-    """N Bradley-Terry annotators sharing the hidden reward: each votes for a with probability
-    sigma(sharpness * (r(a) - r(b))), independently of the others."""
+def parse_annotators(spec, n_sim):
+    """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed."""
+    kinds = []
+    for item in (x.strip() for x in spec.split(",")):
+        kind, _, arg = item.partition(":")
+        if kind == "sim" and (not arg or (arg.isdigit() and int(arg) >= 1)):
+            kinds.append(("sim", int(arg) if arg else n_sim))
+        elif kind in ("judge", "rm") and arg:
+            kinds.append((kind, arg))
+        elif kind in ("self", "human") and not arg:
+            kinds.append((kind, None))
+        else:
+            fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL, rm:MODEL, "
+                 "self or human, separated by commas")
+    return kinds
 
-    def __init__(self, n, sharpness, seed):
-        self.n, self.sharpness = n, sharpness
-        self.gen = torch.Generator().manual_seed(seed)
+
+class SimulatedAnnotators:
+    """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
+    votes for a with probability sigma(sharpness * (r(a) - r(b))), independently."""
+    interactive = False
+
+    def __init__(self, n, sharpness, gen):
+        self.n, self.sharpness, self.gen = n, sharpness, gen
+
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
+        r = lambda texts: torch.tensor([hidden_reward(t) for t in texts])
+        p = torch.sigmoid(self.sharpness * (r(texts_a) - r(texts_b)))
+        return torch.bernoulli(p[:, None].expand(-1, self.n), generator=self.gen)
+
+
+JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
+                  "Response A:\n{a}\n\nResponse B:\n{b}\n\nAnswer with a single letter, A or B.")
+
+
+class JudgeAnnotator:
+    """A causal LM as a judge. Its probability that a is better comes from its next-token
+    logits for the two labels, asked with a shown first and again with b first, averaged:
+    an LLM judge's position bias cancels."""
+    n, interactive = 1, False
+
+    def __init__(self, model, tokenizer, batch_size, max_tokens):
+        self.model, self.tokenizer, self.batch_size, self.max_tokens = model, tokenizer, batch_size, max_tokens
+        self.labels = [label_ids(tokenizer, letter) for letter in "AB"]
+        if set(self.labels[0]) & set(self.labels[1]):
+            raise ValueError("its tokenizer cannot tell the labels 'A' and 'B' apart")
+
+    @torch.no_grad()
+    def p_first(self, prompts, first, second):
+        """P(label A) when `first` is shown as response A, batched."""
+        ids = [encode_prompt(self.tokenizer, JUDGE_QUESTION.format(prompt=q, a=x, b=y), self.max_tokens)
+               for q, x, y in zip(prompts, first, second)]
+        out = []
+        for i in range(0, len(ids), self.batch_size):
+            batch, attn = left_pad(ids[i:i + self.batch_size], self.tokenizer.pad_token_id, self.model.device)
+            logits = self.model(input_ids=batch, attention_mask=attn, logits_to_keep=1,
+                                position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
+            score_a, score_b = (torch.logsumexp(logits[:, lab], -1) for lab in self.labels)
+            out.append(torch.sigmoid(score_a - score_b).cpu())
+        return torch.cat(out)
+
+    def compare(self, prompts, texts_a, texts_b):
+        both = (self.p_first(prompts, texts_a, texts_b) + 1 - self.p_first(prompts, texts_b, texts_a)) / 2
+        return both[:, None]
+
+
+def label_ids(tokenizer, letter):
+    """The token ids a model may use to answer `letter`: alone or after a space."""
+    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][-1] for s in (letter, " " + letter)})
+
+
+class RewardModelAnnotator:
+    """A scalar reward model (AutoModelForSequenceClassification, one logit) scores each
+    distinct (prompt, response) once; a pair gets p = sigma(r_a - r_b)."""
+    n, interactive = 1, False
+
+    def __init__(self, model, tokenizer, batch_size, max_tokens):
+        self.model, self.tokenizer, self.batch_size, self.max_tokens = model, tokenizer, batch_size, max_tokens
+
+    @torch.no_grad()
+    def scores(self, prompts, texts):
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            q, y = prompts[i:i + self.batch_size], texts[i:i + self.batch_size]
+            if self.tokenizer.chat_template:  # a chat RM scores the conversation
+                q = [self.tokenizer.apply_chat_template([{"role": "user", "content": a}, {"role": "assistant", "content": b}],
+                                                        tokenize=False) for a, b in zip(q, y)]
+                y = None
+            enc = self.tokenizer(q, y, padding=True, truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt").to(self.model.device)
+            out.append(self.model(**enc).logits[:, 0].float().cpu())
+        return torch.cat(out)
+
+    def compare(self, prompts, texts_a, texts_b):
+        keys = sorted(set(zip(prompts, texts_a)) | set(zip(prompts, texts_b)))
+        score = dict(zip(keys, self.scores([k[0] for k in keys], [k[1] for k in keys]).tolist()))
+        r_a = torch.tensor([score[k] for k in zip(prompts, texts_a)])
+        r_b = torch.tensor([score[k] for k in zip(prompts, texts_b)])
+        return torch.sigmoid(r_a - r_b)[:, None]
+
+
+class HumanAnnotator:
+    """A person at the terminal: shown the prompt and both responses, answers a, b or skip."""
+    n, interactive = 1, True
+
+    def compare(self, prompts, texts_a, texts_b):
+        answers = []
+        for q, a, b in zip(prompts, texts_a, texts_b):
+            print(f"\n--- prompt ---\n{q}\n--- response a ---\n{a}\n--- response b ---\n{b}")
+            answer = ""
+            while answer not in ("a", "b", "skip"):
+                try:
+                    answer = input("Which is better? [a/b/skip] ").strip().lower()
+                except EOFError:
+                    fail("--annotators human: the input ended before every pair was answered")
+            answers.append({"a": 1.0, "b": 0.0, "skip": float("nan")}[answer])
+        return torch.tensor(answers)[:, None]
+
+
+class Panel:
+    """The annotators together. compare() stacks their answers into (P, N); with
+    evaluation=True, people are not asked (the held-out comparisons are many)."""
+
+    def __init__(self, annotators, seed):
+        self.annotators, self.gen = annotators, torch.Generator().manual_seed(seed)
+        for a in annotators:
+            if isinstance(a, SimulatedAnnotators):
+                a.gen = self.gen  # one seeded stream per phase, reseeded by the loop
+        self.n = sum(a.n for a in annotators)
+        self.simulated = any(isinstance(a, SimulatedAnnotators) for a in annotators)
+
+    def compare(self, prompts, texts_a, texts_b, evaluation=False):
+        answers = [a.compare(prompts, texts_a, texts_b) for a in self.annotators
+                   if not (evaluation and a.interactive)]
+        return torch.cat(answers, 1) if answers else torch.full((len(prompts), 0), float("nan"))
 
     def reward(self, texts):
-        return torch.tensor([hidden_reward(t) for t in texts])
+        """The hidden reward, known only when the panel has simulated annotators."""
+        return torch.tensor([hidden_reward(t) for t in texts]) if self.simulated else None
 
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, N) votes in {0, 1}
-        p = torch.sigmoid(self.sharpness * (self.reward(texts_a) - self.reward(texts_b)))
-        return torch.bernoulli(p[:, None].expand(-1, self.n), generator=self.gen)
+
+def build_panel(args, policy, tokenizer, device):
+    """Load every annotator of --annotators; one that cannot be loaded stops the run."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    annotators = []
+    for kind, arg in args.annotator_specs:
+        try:
+            if kind == "sim":
+                annotators.append(SimulatedAnnotators(arg, args.sharpness, None))
+            elif kind == "human":
+                annotators.append(HumanAnnotator())
+            elif kind == "self":
+                annotators.append(JudgeAnnotator(policy, tokenizer, args.sample_batch_size, args.max_prompt_tokens * 4))
+            else:
+                loader = AutoModelForCausalLM if kind == "judge" else AutoModelForSequenceClassification
+                judge_tokenizer = AutoTokenizer.from_pretrained(arg)
+                if judge_tokenizer.pad_token is None:
+                    judge_tokenizer.pad_token = judge_tokenizer.eos_token
+                if kind == "judge" and not judge_tokenizer.chat_template:
+                    judge_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
+                model = loader.from_pretrained(arg, dtype=model_dtype(device)).to(device).eval()
+                model.config.pad_token_id = judge_tokenizer.pad_token_id
+                cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
+                annotators.append(cls(model, judge_tokenizer, args.sample_batch_size, args.max_prompt_tokens * 4))
+        except (OSError, ValueError, ImportError) as e:
+            fail(f"--annotators {kind}{':' + arg if arg else ''}: cannot be loaded ({first_line(e)}); "
+                 "use a local folder, or --annotators sim")
+    return Panel(annotators, args.seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -582,38 +898,61 @@ LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
 
 def annotate(panel, prompts, texts, k, smoothing):
     """Step 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
-    them; the best-vs-worst pair and its soft label are kept.
-    Returns a list of dicts (one per prompt) with best, worst (indices), votes, p_hat, target."""
+    them; the best-vs-worst pair and its soft label are kept. Answers that are nan (a person's
+    skip) count for neither side. Returns a list of dicts (one per prompt) with best, worst
+    (indices among the k), votes_a, n_annotators (the answers on that pair), p_hat, target."""
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     flat_p, flat_a, flat_b = [], [], []
     for q, prompt in enumerate(prompts):
         for i, j in pairs:
-            flat_p.append(prompt)
+            flat_p.append(prompt_text(prompt))
             flat_a.append(texts[q * k + i])
             flat_b.append(texts[q * k + j])
-    votes = panel.compare(flat_p, flat_a, flat_b).sum(-1).view(len(prompts), len(pairs))  # for a
-    wins = torch.zeros(len(prompts), k, k)
+    answers = panel.compare(flat_p, flat_a, flat_b)  # (prompts * pairs, N)
+    votes = answers.nan_to_num(0.0).sum(-1).view(len(prompts), len(pairs))  # for a
+    counts = (~answers.isnan()).sum(-1).float().view(len(prompts), len(pairs))
+    wins, n = torch.zeros(len(prompts), k, k), torch.zeros(len(prompts), k, k)
     for m, (i, j) in enumerate(pairs):
-        wins[:, i, j] = votes[:, m]
-        wins[:, j, i] = panel.n - votes[:, m]
+        wins[:, i, j], wins[:, j, i] = votes[:, m], counts[:, m] - votes[:, m]
+        n[:, i, j] = n[:, j, i] = counts[:, m]
     scores = zermelo_scores(wins)  # (prompts, k)
     best, worst = scores.argmax(-1), scores.argmin(-1)
-    votes_best = wins[torch.arange(len(prompts)), best, worst]
-    p_hat = empirical_preference(votes_best, panel.n, smoothing)
+    rows = torch.arange(len(prompts))
+    votes_best, n_best = wins[rows, best, worst], n[rows, best, worst]
+    p_hat = empirical_preference(votes_best, n_best, smoothing)
     target = preference_logit(p_hat)
     return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
-                 p_hat=float(p_hat[q]), target_logit=float(target[q]),
+                 n_annotators=int(n_best[q]), p_hat=float(p_hat[q]), target_logit=float(target[q]),
                  scores=[round(float(s), 4) for s in scores[q]]) for q in range(len(prompts))]
 
 
 def train(model, pairs, ref_a, ref_b, args):
     """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed.
-    Returns the mean loss and the regression diagnostics of the last epoch, and tokens seen."""
+    With --lora-rank r > 0 only fresh adapters train, and are merged into the weights at the
+    end. Returns the mean loss and regression diagnostics of the last epoch, and tokens seen."""
+    if args.lora_rank:
+        params = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    else:
+        params = list(model.parameters())
+        model.requires_grad_(True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
+    try:
+        return fit(model, params, pairs, ref_a, ref_b, args)
+    finally:
+        model.eval()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        merge_lora(model)
+        model.requires_grad_(False)
+
+
+def fit(model, params, pairs, ref_a, ref_b, args):
     loss_fn = LOSSES[args.loss]
     pad = pairs["pad_id"]
     n = len(pairs["prompt_ids"])
     target = torch.as_tensor(pairs["target_logit"])
-    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=args.lr)
     from transformers import get_cosine_schedule_with_warmup
     steps = math.ceil(n / args.batch_size) * args.epochs
@@ -660,7 +999,7 @@ def train(model, pairs, ref_a, ref_b, args):
 # after the last one with the same random streams (each phase is seeded by its iteration).
 # ---------------------------------------------------------------------------------------------
 
-NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device"}
+NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device", "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
 
@@ -696,16 +1035,20 @@ def remove(path):
     shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
-def prepare_out(args):
-    """Check that --out can be written and does not mix two runs. Returns the number of complete
-    iterations a --resume skips (0 otherwise)."""
+def run_settings(args):
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS}
+
+
+def check_out(args):
+    """Check that --out can be written and does not mix two runs; change nothing in it yet.
+    Returns the number of complete iterations a --resume skips (0 otherwise)."""
     try:
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, ".write-test"), "")
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as e:
         fail(f"--out {args.out}: cannot be written ({e.strerror}); choose another folder")
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS}
+    settings = run_settings(args)
     config_path = os.path.join(args.out, "config.json")
     ours = [e for e in os.listdir(args.out) if e in RUN_FILES or e.startswith("iteration_")]
     if ours and not (args.resume or args.overwrite):
@@ -721,11 +1064,16 @@ def prepare_out(args):
         if diffs:
             fail(f"--resume: {args.out} was written with other settings: {', '.join(diffs)}; "
                  "rerun with the same flags, or use --overwrite")
-    for entry in ours:
-        if args.overwrite or entry.endswith(".tmp"):  # a .tmp is an iteration cut short
-            remove(os.path.join(args.out, entry))
-    write_atomic(config_path, json.dumps(settings, indent=1) + "\n")
     return complete_iterations(args.out) if args.resume else 0
+
+
+def claim_out(args):
+    """Once the models are loaded: clear what --overwrite replaces and what a killed run left
+    half-written, and record the run's settings."""
+    for entry in os.listdir(args.out):
+        if (args.overwrite and (entry in RUN_FILES or entry.startswith("iteration_"))) or entry.endswith(".tmp"):
+            remove(os.path.join(args.out, entry))  # a .tmp is an iteration cut short
+    write_atomic(os.path.join(args.out, "config.json"), json.dumps(run_settings(args), indent=1) + "\n")
 
 
 def save_eval(path, responses, logps):
@@ -783,7 +1131,7 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args):
     # 1. Sample K responses per prompt from pi_t.
     seed_phase(args.seed, t, "sample")
     tic = time.time()
-    prompt_ids = [encode_prompt(tokenizer, p) for p in chunk]
+    prompt_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in chunk]
     responses = sample(model, tokenizer, prompt_ids, args.num_responses, args, f"iter {t + 1} sample")
     texts = decode(tokenizer, responses)
     seconds_sample = time.time() - tic
@@ -795,20 +1143,20 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args):
     rows, skipped = [], 0
     for q, lab in enumerate(annotate(panel, chunk, texts, k, args.smoothing)):
         a, b = q * k + lab["best"], q * k + lab["worst"]
-        if degenerate(texts[a], texts[b]):
-            skipped += 1
+        if degenerate(texts[a], texts[b]) or lab["n_annotators"] == 0:
+            skipped += 1  # nothing to learn: equal or empty responses, or no answer at all
             continue
         rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **lab,
-                         n_annotators=panel.n, prompt_ids=prompt_ids[q],
-                         a_ids=responses[a], b_ids=responses[b]))
+                         prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
     eos = tokenizer.eos_token_id
     stats = dict(response_tokens_mean=sum(map(len, responses)) / len(responses),
                  eos_rate=sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
-                 seconds_sample=seconds_sample, seconds_annotate=time.time() - tic)
+                 seconds_sample=seconds_sample, seconds_annotate=time.time() - tic,
+                 sample_tokens_per_s=sum(map(len, responses)) / seconds_sample)
     return rows, skipped, stats
 
 
-def given_pairs(tokenizer, chunk):
+def given_pairs(tokenizer, chunk, max_tokens):
     """Steps 1-4 replaced by --pairs: tokenize the given pairs (unless they carry token ids)."""
     rows, skipped, eos = [], 0, tokenizer.eos_token_id
     for row in chunk:
@@ -818,7 +1166,7 @@ def given_pairs(tokenizer, chunk):
             skipped += 1
             continue
         if not row.get("prompt_ids"):
-            row["prompt_ids"] = encode_prompt(tokenizer, row["prompt"])
+            row["prompt_ids"] = encode_prompt(tokenizer, row["prompt"], max_tokens)
         for side in "ab":
             if not row.get(f"{side}_ids"):
                 text = row[f"response_{side}"]
@@ -827,8 +1175,8 @@ def given_pairs(tokenizer, chunk):
             fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
         rows.append(row)
     lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"]
-    return rows, skipped, dict(response_tokens_mean=sum(lengths) / max(1, len(lengths)),
-                               eos_rate=float("nan"), seconds_sample=0.0, seconds_annotate=0.0)
+    return rows, skipped, dict(response_tokens_mean=sum(lengths) / max(1, len(lengths)), eos_rate=None,
+                               seconds_sample=0.0, seconds_annotate=0.0, sample_tokens_per_s=None)
 
 
 def run(args):
@@ -838,7 +1186,7 @@ def run(args):
     prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
     held_out, chunks = split_prompts(prompts, args)
     given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations) if args.pairs else None
-    start = prepare_out(args)
+    start = check_out(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
     print(f"device: {device}, {len(held_out)} held-out prompts, {len(chunks)} chunks of "
           f"{len(given[0]) if given else len(chunks[0])} {'given pairs' if given else 'prompts'}"
@@ -854,12 +1202,13 @@ def run(args):
     first = args.warmup if args.model == "tiny" else args.model
     model, tokenizer = load_policy(args, device, os.path.join(args.out, f"iteration_{start}") if start else first)
     pad = tokenizer.pad_token_id
-    panel = SimulatedPanel(args.num_annotators, args.sharpness, args.seed)
+    panel = build_panel(args, model, tokenizer, device)
+    claim_out(args)
 
     # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
     # comparison (and saved, so that a resumed run compares against the very same samples).
-    eval_prompts = [p for p in held_out for _ in range(args.eval_samples)]
-    eval_ids = [encode_prompt(tokenizer, p) for p in eval_prompts]
+    eval_prompts = [prompt_text(p) for p in held_out for _ in range(args.eval_samples)]
+    eval_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in held_out for _ in range(args.eval_samples)]
     initial_path = os.path.join(args.out, "initial_eval.json")
     if start:
         initial, initial_logps = load_eval(initial_path)
@@ -871,12 +1220,13 @@ def run(args):
         save_eval(initial_path, initial, initial_logps)
         previous, previous_logps = initial, initial_logps  # samples of pi_t and their log pi_t
     initial_texts = decode(tokenizer, initial)
-    print(f"pi_0: true reward {panel.reward(initial_texts).mean():.3f} on held-out prompts")
+    if panel.simulated:
+        print(f"pi_0: true reward {panel.reward(initial_texts).mean():.3f} on held-out prompts")
 
     for t in range(start, args.iterations):
         # 1-4. Sample, annotate, rank, label (or take the given pairs).
         if given:
-            rows, skipped, stats = given_pairs(tokenizer, given[t])
+            rows, skipped, stats = given_pairs(tokenizer, given[t], args.max_prompt_tokens)
         else:
             rows, skipped, stats = sampled_pairs(model, tokenizer, panel, chunks[t], t, args)
         if not rows:
@@ -900,15 +1250,11 @@ def run(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         seed_phase(args.seed, t, "train")
-        for p in model.parameters():
-            p.requires_grad_(True)
         try:
             fit, tokens = train(model, dict(pad_id=pad, prompt_ids=prompt_ids, a_ids=a_ids, b_ids=b_ids,
                                             target_logit=target), ref_a, ref_b, args)
         except FloatingPointError as e:
             fail(f"iteration {t + 1}: {e}; try a lower --lr ({t} complete iterations are kept in {args.out}/)")
-        for p in model.parameters():
-            p.requires_grad_(False)
         seconds_train = time.time() - tic
 
         # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
@@ -917,7 +1263,7 @@ def run(args):
         panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
         current = sample(model, tokenizer, eval_ids, 1, args, f"iter {t + 1} eval")
         current_texts = decode(tokenizer, current)
-        win_rate = panel.compare(eval_prompts, current_texts, initial_texts).mean()
+        win_rate = panel.compare(eval_prompts, current_texts, initial_texts, evaluation=True).nanmean()
         # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
         # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
         logps = lambda responses: batched_logprobs(model, eval_ids, responses, pad, args.sample_batch_size)
@@ -929,7 +1275,7 @@ def run(args):
         metrics = dict(
             iteration=t + 1, loss_type=args.loss, **fit,
             win_rate_vs_initial=float(win_rate),
-            true_reward=float(panel.reward(current_texts).mean()),
+            true_reward=float(panel.reward(current_texts).mean()) if panel.simulated else None,
             kl_to_reference=float(kl_ref), kl_to_initial=float(kl_init),
             target_logit_mean=float(target.mean()), pairs=len(rows), skipped_pairs=skipped,
             **stats, seconds_train=seconds_train, seconds_eval=seconds_eval,
@@ -939,7 +1285,8 @@ def run(args):
         history.append(metrics)
         print(f"iter {t + 1} | loss {fit['loss']:.4f} | mse {fit['regression_mse']:.4f} "
               f"| sign {fit['sign_agreement']:.2f} | win {metrics['win_rate_vs_initial']:.3f} "
-              f"| reward {metrics['true_reward']:+.3f} | kl_ref {metrics['kl_to_reference']:.3f} "
+              + (f"| reward {metrics['true_reward']:+.3f} " if panel.simulated else "")
+              + f"| kl_ref {metrics['kl_to_reference']:.3f} "
               f"| len {metrics['response_tokens_mean']:.1f} | sample {stats['seconds_sample']:.1f}s "
               f"annotate {stats['seconds_annotate']:.1f}s train {seconds_train:.1f}s "
               f"({metrics['train_tokens_per_s']:.0f} tok/s)")
@@ -1193,10 +1540,9 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(130)
     last = history[-1]
-    rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history)
-    print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}, "
-          f"true reward {rewards}; "
-          f"outputs in {args.out}/")
+    rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history if m["true_reward"] is not None)
+    print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
+          + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
 
 
 if __name__ == "__main__":

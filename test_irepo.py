@@ -446,7 +446,7 @@ def test_theory_report_prints_every_claim(capsys):
 # Runs that stop, refusals and errors (every bad input: exit 2, one line, no traceback).
 # ---------------------------------------------------------------------------------------------
 
-TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_train", "seconds_eval",
+TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_train", "seconds_eval", "sample_tokens_per_s",
                "train_tokens_per_s", "peak_memory_mb"}
 
 
@@ -556,6 +556,18 @@ def test_pairs_file_with_text_only_and_degenerate_pairs(warm_tiny, tmp_path):
     assert [p["target_logit"] for p in saved] == pytest.approx([2.0, math.log(4.0), math.log(1.5 / 3.5)])
 
 
+def assert_main_stops(argv, message):
+    """In-process twin of assert_one_line_error, for the many cheap cases."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stop:
+        irepo.main(argv)
+    assert stop.value.code == 2
+    lines = err.getvalue().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("irepo.py: error: ") and message in lines[0], lines
+
+
 def test_bad_pairs_files_name_the_line_and_field(tmp_path):
     """Every malformed pairs file stops before any work, naming the file, line and field."""
     good = '{"prompt": "p", "response_a": "a", "response_b": "b", "p_hat": 0.7}'
@@ -578,8 +590,7 @@ def test_bad_pairs_files_name_the_line_and_field(tmp_path):
             path.write_bytes(content)
         elif content is not None:
             path.write_text(content)
-        proc = cli("--pairs", str(path), "--out", str(tmp_path / "out"))
-        assert_one_line_error(proc, message.format(path=path))
+        assert_main_stops(["--pairs", str(path), "--out", str(tmp_path / "out")], message.format(path=path))
         assert not (tmp_path / "out").exists()
 
 
@@ -633,3 +644,233 @@ def test_full_disk_keeps_the_previous_iteration(warm_tiny, tmp_path, capsys, mon
     assert sorted(p.name for p in out.glob("iteration_*")) == ["iteration_1"]
     AutoModelForCausalLM.from_pretrained(out / "iteration_1")
     assert len(metrics_without_timing(out)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's settings on tiny random-weight models of the real architectures, and annotators.
+# ---------------------------------------------------------------------------------------------
+
+LLM_WORDS = sorted(set(" ".join(irepo.tiny_prompts() + irepo.POSITIVE + irepo.NEGATIVE + irepo.NEUTRAL
+                                + irepo.ASPECTS + ["the was and . A B Which response"]).split()))
+
+
+def save_tiny(folder, model, tokenizer):
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llm_dirs(tmp_path_factory):
+    """Tiny random-weight Phi, Mistral and DeBERTa-v2 (reward model) folders with a word-level
+    tokenizer, as from_pretrained would find real ones. Phi keeps a residual dropout of 0.5."""
+    from transformers import (DebertaV2Config, DebertaV2ForSequenceClassification, MistralConfig,
+                              MistralForCausalLM, PhiConfig, PhiForCausalLM)
+    root = tmp_path_factory.mktemp("llms")
+    tok = word_tokenizer(LLM_WORDS)
+    v = len(tok)
+    ids = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    torch.manual_seed(0)
+    phi = PhiForCausalLM(PhiConfig(vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=256, resid_pdrop=0.5, **ids))
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=v, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               max_position_embeddings=256, **ids))
+    rm = DebertaV2ForSequenceClassification(DebertaV2Config(vocab_size=v, hidden_size=32, intermediate_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=4,
+                                                            max_position_embeddings=256, num_labels=1, pad_token_id=0))
+    return {name: save_tiny(root / name, model, tok) for name, model in
+            (("phi", phi), ("mistral", mistral), ("deberta", rm))}
+
+
+LLM_SMALL = ["--iterations", "1", "--prompts-per-iteration", "6", "--eval-prompts", "4", "--max-new-tokens", "6",
+             "--batch-size", "4", "--micro-batch-size", "2", "--sample-batch-size", "8"]
+
+
+@pytest.mark.parametrize("arch,preset", [("phi", "phi-2"), ("mistral", "mistral-7b")])
+def test_paper_presets_run_on_local_folders(llm_dirs, tmp_path, arch, preset):
+    """--model DIR --preset phi-2 (or mistral-7b), scaled down by flags: the preset's values are
+    applied and printed (LoRA, lr 5e-6, beta 0.01, gradient checkpointing), one iteration runs
+    with LoRA, and the saved iteration is a plain model that from_pretrained loads, with weights
+    that moved."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    proc = cli("--model", llm_dirs[arch], "--preset", preset, "--annotators", "sim", "--out", str(out), *LLM_SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = proc.stdout.splitlines()[0]
+    for setting in (f"preset={preset}", "lr=5e-06", "beta=0.01", "lora_rank=16", "gradient_checkpointing=True",
+                    "epochs=1", "warmup_ratio=0.1"):
+        assert setting in config, setting
+    before = AutoModelForCausalLM.from_pretrained(llm_dirs[arch]).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "iteration_1").state_dict()
+    assert set(after) == set(before)  # no adapter left behind: a plain model
+    assert any(not torch.equal(after[n], before[n]) for n in before if "proj" in n or "fc" in n or "dense" in n)
+    assert json.loads((out / "metrics.jsonl").read_text())["pairs"] >= 1
+
+
+def test_presets_follow_the_model_name_and_yield_to_flags():
+    """Phi-2 and Mistral-7B (base and Instruct) names pick their presets; --preset and every
+    flag override; 'tiny' stays the default."""
+    assert irepo.parse_args([]).preset == "tiny"
+    phi = irepo.parse_args(["--model", "microsoft/phi-2"])
+    assert (phi.preset, phi.lr, phi.beta, phi.lora_rank, phi.chat_format) == ("phi-2", 5e-6, 0.01, 16, "chatml")
+    for name in ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.2"):
+        args = irepo.parse_args(["--model", name])
+        assert args.preset == "mistral-7b" and "gate_proj" in args.lora_targets and args.gradient_checkpointing
+    args = irepo.parse_args(["--model", "microsoft/phi-2", "--lr", "1e-5", "--lora-rank", "0",
+                             "--no-gradient-checkpointing"])
+    assert (args.lr, args.lora_rank, args.gradient_checkpointing) == (1e-5, 0, False)
+    assert irepo.parse_args(["--model", "some/folder", "--preset", "mistral-7b"]).batch_size == 8
+
+
+def test_merged_lora_matches_the_unmerged_adapter():
+    """Folding the adapters into the weights leaves every log-prob unchanged (to fp32 rounding),
+    for nn.Linear (Llama) and GPT-2's Conv1D alike, and leaves a plain model behind."""
+    for kind, targets in (("llama", "q_proj,v_proj,down_proj"), ("gpt2", "c_attn,c_fc")):
+        model = tiny_causal_lm(kind, vocab_size=40)
+        params = irepo.add_lora(model, rank=4, alpha=8, targets=targets)
+        assert params and all(p.requires_grad for p in params)
+        torch.manual_seed(1)
+        for p in params:
+            p.data.normal_(0, 0.2)  # a trained adapter: B is no longer zero
+        ids, attn, resp = irepo.collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 12]], pad_id=0, device="cpu")
+        with torch.no_grad():
+            unmerged = irepo.sequence_logprobs(model, ids, attn, resp)
+            irepo.merge_lora(model)
+            merged = irepo.sequence_logprobs(model, ids, attn, resp)
+        assert not any(isinstance(m, irepo.LoRALinear) for m in model.modules())
+        assert torch.allclose(unmerged, merged, atol=1e-4), (kind, unmerged, merged)
+        fresh = tiny_causal_lm(kind, vocab_size=40)
+        with torch.no_grad():
+            assert (irepo.sequence_logprobs(fresh, ids, attn, resp) - merged).abs().max() > 1e-3
+
+
+def test_fresh_adapters_start_at_pi_t():
+    """With B = 0 a freshly adapted model computes exactly pi_t, so the reference log-probs
+    taken before training equal the policy's at step 0."""
+    model = tiny_causal_lm("llama", vocab_size=40)
+    ids, attn, resp = irepo.collate([[5, 6]], [[9, 10, 1]], pad_id=0, device="cpu")
+    with torch.no_grad():
+        before = irepo.sequence_logprobs(model, ids, attn, resp)
+        irepo.add_lora(model, rank=4, alpha=8, targets="q_proj,v_proj")
+        assert torch.equal(irepo.sequence_logprobs(model, ids, attn, resp), before)
+
+
+def test_loaded_policy_has_no_dropout(llm_dirs):
+    """load_policy zeroes dropout (Phi here has 0.5), so train mode, which gradient
+    checkpointing needs, computes the same log-probs as eval mode."""
+    args = irepo.parse_args(["--model", llm_dirs["phi"], "--lora-rank", "0"])
+    model, tokenizer = irepo.load_policy(args, torch.device("cpu"), llm_dirs["phi"])
+    ids, attn, resp = irepo.collate([[5, 6, 7]], [[9, 10, 11, 12]], pad_id=0, device="cpu")
+    with torch.no_grad():
+        model.train()
+        train_mode = irepo.sequence_logprobs(model, ids, attn, resp)
+        model.eval()
+        assert torch.equal(train_mode, irepo.sequence_logprobs(model, ids, attn, resp))
+    assert tokenizer.chat_template == irepo.CHAT_TEMPLATES["chatml"]  # the preset's format
+
+
+def small_tiny_run(warm_tiny, out, *extra):
+    os.makedirs(out, exist_ok=True)
+    shutil.copytree(warm_tiny, os.path.join(out, "warmup"), dirs_exist_ok=True)
+    return cli(*small_run_args(out, "--iterations", "1"), *extra)
+
+
+def saved_pairs(out):
+    return [json.loads(line) for line in open(os.path.join(out, "iteration_1", "pairs.jsonl"))]
+
+
+def test_llm_judge_annotator(warm_tiny, llm_dirs, tmp_path):
+    """judge:DIR (a local causal LM) answers a probability per pair, asked in both orders: each
+    pair has one annotator and a fractional vote, so p_hat = (v + 0.5) / 2."""
+    out = tmp_path / "run"
+    proc = small_tiny_run(warm_tiny, str(out), "--annotators", f"judge:{llm_dirs['mistral']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = saved_pairs(out)
+    assert pairs and all(p["n_annotators"] == 1 and 0 < p["votes_a"] < 1 for p in pairs)
+    assert all(p["p_hat"] == pytest.approx((p["votes_a"] + 0.5) / 2) for p in pairs)
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["true_reward"] is None and 0 <= row["win_rate_vs_initial"] <= 1
+
+
+def test_judge_averages_both_orders(llm_dirs):
+    """The judge's answer for (a, b) is 1 - its answer for (b, a): asking in both orders and
+    averaging cancels position bias exactly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(llm_dirs["mistral"])
+    tok.chat_template = irepo.CHAT_TEMPLATES["chatml"]
+    judge = irepo.JudgeAnnotator(AutoModelForCausalLM.from_pretrained(llm_dirs["mistral"]).eval(), tok, 4, 512)
+    q, a, b = ["review the hotel"] * 3, ["the hotel was great .", "the food was bad .", "fine"], ["the hotel was bad .", "the room was fun .", "dull"]
+    ab, ba = judge.compare(q, a, b)[:, 0], judge.compare(q, b, a)[:, 0]
+    assert torch.allclose(ab + ba, torch.ones(3), atol=1e-6)
+    one_order = judge.p_first(q, a, b)
+    assert not torch.allclose(one_order, ab, atol=1e-4)  # a random judge has a position bias
+
+
+def test_reward_model_annotator(warm_tiny, llm_dirs, tmp_path):
+    """rm:DIR (a DeBERTa-v2 sequence classifier) gives p = sigma(r_a - r_b) per pair."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    out = tmp_path / "run"
+    proc = small_tiny_run(warm_tiny, str(out), "--annotators", f"rm:{llm_dirs['deberta']}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pairs = saved_pairs(out)
+    rm = AutoModelForSequenceClassification.from_pretrained(llm_dirs["deberta"]).eval()
+    tok = AutoTokenizer.from_pretrained(llm_dirs["deberta"])
+    for p in pairs[:3]:
+        with torch.no_grad():
+            r = [rm(**tok(p["prompt"], y, return_tensors="pt")).logits[0, 0] for y in (p["response_a"], p["response_b"])]
+        assert p["votes_a"] == pytest.approx(float(torch.sigmoid(r[0] - r[1])), abs=1e-4)
+
+
+def test_self_judge_mixed_with_simulated(warm_tiny, tmp_path):
+    """'self,sim:3' mixes the policy-as-judge with 3 simulated voters: 4 answers per pair."""
+    out = tmp_path / "run"
+    proc = small_tiny_run(warm_tiny, str(out), "--annotators", "self,sim:3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(p["n_annotators"] == 4 for p in saved_pairs(out))
+    assert json.loads((out / "metrics.jsonl").read_text())["true_reward"] is not None
+
+
+def test_human_annotator_with_scripted_input(warm_tiny, tmp_path):
+    """'human' shows each pair and reads a, b or skip: a and b each make one answer for the
+    winner (p_hat = 1.5 / 2); a skip leaves the pair without answers, so it is skipped. People
+    are not asked the held-out comparisons, so the win-rate is unknown (NaN)."""
+    out = tmp_path / "run"
+    os.makedirs(out)
+    shutil.copytree(warm_tiny, out / "warmup")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    argv = [sys.executable, os.path.join(HERE, "irepo.py"), "--out", str(out), "--annotators", "human",
+            "--num-responses", "2", "--iterations", "1", "--prompts-per-iteration", "3", "--eval-prompts", "8",
+            "--eval-samples", "1", "--temperature", "3.0"]
+    proc = subprocess.run(argv, input="maybe\na\nb\nskip\n", capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Which is better? [a/b/skip]") == 4  # 'maybe' is asked again
+    pairs = saved_pairs(out)
+    row = json.loads((out / "metrics.jsonl").read_text())
+    assert row["skipped_pairs"] >= 1 and len(pairs) + row["skipped_pairs"] == 3
+    assert all(p["n_annotators"] == 1 and p["votes_a"] == 1 and p["p_hat"] == 0.75 for p in pairs)
+    assert math.isnan(row["win_rate_vs_initial"])
+
+
+def test_models_and_annotators_that_cannot_be_loaded(warm_tiny, tmp_path):
+    """A hub name without network, or a missing annotator, stops with one line naming it."""
+    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"))
+    assert_one_line_error(proc, "--model microsoft/phi-2: cannot be loaded")
+    assert "use --model tiny or a local folder" in proc.stderr
+    assert not (tmp_path / "a" / "config.json").exists()  # nothing was claimed
+    shutil.copytree(warm_tiny, tmp_path / "b" / "warmup")
+    assert_one_line_error(cli("--annotators", f"rm:{tmp_path / 'nope'}", "--out", str(tmp_path / "b")),
+                          f"--annotators rm:{tmp_path / 'nope'}: cannot be loaded")
+    assert_one_line_error(cli("--annotators", "sim,oracle", "--out", str(tmp_path / "c")),
+                          "--annotators sim,oracle: cannot read 'oracle'")
+
+
+def test_prompts_with_chat_messages(tmp_path):
+    """.jsonl prompts may be chat 'messages'; a trailing assistant turn is dropped."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "review the hotel"},
+                                             {"role": "assistant", "content": "the hotel was fine ."}]}) + "\n"
+                    + json.dumps({"prompt": "describe the car"}) + "\n")
+    prompts = irepo.read_prompts(str(path))
+    assert prompts == [[{"role": "user", "content": "review the hotel"}], "describe the car"]
+    assert irepo.prompt_text(prompts[0]) == "review the hotel"
