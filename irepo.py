@@ -13,11 +13,14 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
 Run it:
-  python irepo.py                      # built-in tiny model and simulated panel, CPU, about a minute
+  python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
   python irepo.py --loss dpo           # the same run with DPO on the panel's majority vote
   python irepo.py --loss ipo           # ... or with IPO's constant target
   python irepo.py --theory             # check the paper's theory numerically, in seconds
-  pytest -q test_irepo.py              # the tests
+  python irepo.py --compare            # irepo, dpo and ipo side by side on 3 seeds, ~1 minute
+  python irepo.py --model microsoft/phi-2 --prompts ultrafeedback_prompts.jsonl       # GPU
+  python irepo.py --model mistralai/Mistral-7B-v0.1 --prompts ultrafeedback_prompts.jsonl
+  python -m pytest -q test_irepo.py    # the tests
 
 Deliberate deviations from the paper (the README explains each):
   1. The paper's body could not be consulted; the loss and the loop are reconstructed from its
@@ -26,11 +29,14 @@ Deliberate deviations from the paper (the README explains each):
      unanimous panel still has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
   3. The soft label of the best-vs-worst pair reuses the votes that ranked it (no fresh votes).
   4. The default panel is simulated: Bradley-Terry annotators with a hidden reward (they like
-     positive words), so that the true reward of a policy can be measured.
+     positive words), so that the true reward of a policy can be measured. The Phi-2 and
+     Mistral-7B presets use a public reward model instead; the paper's annotators are not named.
   5. Log-probabilities are summed over response tokens and scored at temperature 1, whatever the
-     sampling temperature; dropout is off in training so that pi_theta = pi_t at step 0.
+     sampling temperature; dropout is zeroed so that pi_theta = pi_t at the first step.
   6. IPO is run as the same squared loss with the constant target 1/2 on the beta*h scale, i.e.
      IPO's loss times beta^2, so that one learning rate serves all three losses.
+  7. Where the paper is silent (K, max lengths, temperature, LoRA rank) the presets choose; the
+     README lists each choice and why.
 """
 
 import argparse
@@ -66,7 +72,7 @@ PRESETS = {
         sample_batch_size=128, lora_rank=0, lora_alpha=0, lora_targets="c_attn,c_proj,c_fc",
         gradient_checkpointing=False, annotators="sim", chat_format="tiny",
     ),
-    "phi-2": dict(_LLM, batch_size=16, micro_batch_size=4, sample_batch_size=32, chat_format="chatml",
+    "phi-2": dict(_LLM, batch_size=16, micro_batch_size=4, sample_batch_size=16, chat_format="chatml",
                   lora_targets="q_proj,k_proj,v_proj,dense,fc1,fc2"),
     "mistral-7b": dict(_LLM, batch_size=8, micro_batch_size=2, sample_batch_size=16, chat_format="mistral",
                        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
@@ -1187,7 +1193,8 @@ def run(args):
     held_out, chunks = split_prompts(prompts, args)
     given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations) if args.pairs else None
     start = check_out(args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
+                                if k not in ("annotator_specs", "warmup")))
     print(f"device: {device}, {len(held_out)} held-out prompts, {len(chunks)} chunks of "
           f"{len(given[0]) if given else len(chunks[0])} {'given pairs' if given else 'prompts'}"
           + (f"; resuming after iteration {start}" if start else ""))

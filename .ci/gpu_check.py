@@ -1,0 +1,105 @@
+"""GPU check: one iteration of irepo.py on the full-size Phi-2 and Mistral-7B architectures.
+
+Nothing can be downloaded on the GPU machine either, so the models are random-weight copies of
+the real architectures (the published config sizes), saved to a temporary folder with a
+word-level tokenizer as large as the vocabulary. Each runs one iteration of its preset (LoRA,
+gradient checkpointing, bf16, SDPA) on a few prompts with simulated annotators, then this
+script prints sampling tokens/s, training tokens/s, the share of the card's peak bf16 FLOP/s
+reached in training, and peak GPU memory.
+
+    python .ci/gpu_check.py                 # on a GPU machine, about 10 minutes
+    python .ci/gpu_check.py --scale tiny    # the same code path on a CPU, in a minute
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IREPO = os.path.join(HERE, "..", "irepo.py")
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense tensor-core FLOP/s
+
+ARCHS = {  # the published sizes of microsoft/phi-2 and mistralai/Mistral-7B-v0.1
+    "phi-2": ("PhiForCausalLM", "PhiConfig", dict(
+        vocab_size=51200, hidden_size=2560, intermediate_size=10240, num_hidden_layers=32,
+        num_attention_heads=32, partial_rotary_factor=0.4, max_position_embeddings=2048)),
+    "mistral-7b": ("MistralForCausalLM", "MistralConfig", dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768)),
+}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def build(preset, folder, scale):
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    model_cls, config_cls, sizes = ARCHS[preset]
+    if scale == "tiny":
+        sizes = dict(sizes, **TINY, **({"num_key_value_heads": 2} if "num_key_value_heads" in sizes else {}))
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(sizes["vocab_size"] - 3)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
+                                               unk_token="<unk>")
+    config = getattr(transformers, config_cls)(**sizes, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.set_default_dtype(dtype)  # build in bf16 directly: a 7B model in fp32 is 29 GB
+    with torch.device(device):
+        model = getattr(transformers, model_cls)(config)
+    torch.set_default_dtype(torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    return n_params
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--scale", choices=["full", "tiny"], default="full")
+    p.add_argument("--prompts", type=int, default=32, help="prompts in the one iteration")
+    args = p.parse_args()
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in card), None)
+    print(f"device: {card}; peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s")
+    results = {}
+    with tempfile.TemporaryDirectory() as root:
+        for preset in ARCHS:
+            folder = os.path.join(root, preset)
+            tic = time.time()
+            n_params = build(preset, folder, args.scale)
+            print(f"{preset}: {n_params / 1e9:.2f} B parameters built in {time.time() - tic:.0f}s", flush=True)
+            out = os.path.join(root, preset + "-out")
+            cmd = [sys.executable, IREPO, "--model", folder, "--preset", preset, "--annotators", "sim",
+                   "--out", out, "--iterations", "1", "--prompts-per-iteration", str(args.prompts),
+                   "--eval-prompts", "8", "--max-new-tokens", "128" if args.scale == "full" else "8"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                print(proc.stderr[-3000:])
+                results[preset] = {"error": proc.stderr.strip().splitlines()[-1]}
+                continue
+            with open(os.path.join(out, "metrics.jsonl")) as f:
+                m = json.loads(f.readline())
+            # Training FLOPs per token with frozen weights: forward 2N, recomputed forward 2N
+            # (checkpointing), backward to the activations 2N; plus the reference pass, 2N per
+            # token once an epoch. So 8N per training token (LoRA's own FLOPs are negligible).
+            achieved = m["train_tokens_per_s"] * 8 * n_params
+            results[preset] = dict(
+                params_b=round(n_params / 1e9, 2), sample_tokens_per_s=round(m["sample_tokens_per_s"]),
+                train_tokens_per_s=round(m["train_tokens_per_s"]),
+                mfu=round(achieved / peak, 3) if peak else None,
+                peak_memory_gb=round(m["peak_memory_mb"] / 1024, 1),
+                seconds_sample=round(m["seconds_sample"], 1), seconds_train=round(m["seconds_train"], 1))
+            print(f"{preset}: {json.dumps(results[preset])}", flush=True)
+    print(json.dumps({"device": card, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
