@@ -207,6 +207,10 @@ def parse_args(argv=None):
 
 def pick_device(name=None):
     if name:
+        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+        if not available.get(name.split(":")[0]):
+            fail(f"--device {name}: not available here; use one of "
+                 + ", ".join(d for d, ok in available.items() if ok))
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -302,6 +306,23 @@ def build_tiny(folder, seed=0, steps=600):
 # ---------------------------------------------------------------------------------------------
 # Prompts and given pairs: the built-in list or files, checked line by line before any work.
 # ---------------------------------------------------------------------------------------------
+
+INSTRUCTIONS = ["Explain {} to a curious ten-year-old.", "Write a short poem about {}.",
+                "Give three practical tips about {}.", "What are common misconceptions about {}?",
+                "Summarize the history of {} in one paragraph.", "Write a friendly email inviting a "
+                "colleague to a talk on {}.", "List the pros and cons of {}.", "Describe {} in exactly "
+                "two sentences."]
+SUBJECTS = ["photosynthesis", "compound interest", "learning a second language", "remote work",
+            "the water cycle", "black holes", "sourdough baking", "public libraries", "sleep",
+            "electric cars", "chess openings", "recycling plastic", "the Roman Empire", "vaccines",
+            "jazz improvisation", "city gardening", "password security", "volcanoes", "minimalism",
+            "marathon training"]
+
+
+def instruction_prompts():
+    """160 varied built-in instructions, used for real models when --prompts is not given."""
+    return [t.format(s) for t in INSTRUCTIONS for s in SUBJECTS]
+
 
 def read_lines(path, flag):
     """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
@@ -1189,7 +1210,8 @@ def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
     # Everything that can be wrong with the input is checked before anything expensive.
     device = pick_device(args.device)
-    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
+    prompts = (read_prompts(args.prompts) if args.prompts
+               else tiny_prompts() if args.model == "tiny" else instruction_prompts())
     held_out, chunks = split_prompts(prompts, args)
     given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations) if args.pairs else None
     start = check_out(args)

@@ -265,6 +265,7 @@ BAD_INPUTS = [
     (["--beta", "nan"], "--beta nan: must be > 0"),
     (["--prompts", "/nonexistent/p.txt"], "--prompts /nonexistent/p.txt: no such file"),
     (["--loss", "kto"], "argument --loss: invalid choice"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "not available here"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ]
 
@@ -706,6 +707,8 @@ def test_paper_presets_run_on_local_folders(llm_dirs, tmp_path, arch, preset):
     assert set(after) == set(before)  # no adapter left behind: a plain model
     assert any(not torch.equal(after[n], before[n]) for n in before if "proj" in n or "fc" in n or "dense" in n)
     assert json.loads((out / "metrics.jsonl").read_text())["pairs"] >= 1
+    prompts = [json.loads(line)["prompt"] for line in open(out / "iteration_1" / "pairs.jsonl")]
+    assert set(prompts) <= set(irepo.instruction_prompts())  # real models get real instructions
 
 
 def test_presets_follow_the_model_name_and_yield_to_flags():
