@@ -456,7 +456,7 @@ def split_pairs(rows, iterations):
 def load_policy(args, device, folder):
     """A causal LM and its tokenizer from `folder` (a hub name or local folder). For --model
     tiny the warm-up folder is built once, then reused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     if folder == args.warmup and not os.path.isfile(os.path.join(folder, "config.json")):
         build_tiny(folder + ".tmp", seed=0)
         shutil.rmtree(folder, ignore_errors=True)
@@ -473,6 +473,11 @@ def load_policy(args, device, folder):
     if not tokenizer.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]  # saved with every iteration
     disable_dropout(model)
+    # A checkpoint's own generation settings (top-k, repetition penalty, ...) would reshape the
+    # samples; a neutral config leaves only --temperature, so the samples come from pi_t.
+    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
     if args.lora_rank and not lora_layers(model, args.lora_targets):
         linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
         fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that name; "
@@ -976,6 +981,8 @@ def train(model, pairs, ref_a, ref_b, args):
 
 
 def fit(model, params, pairs, ref_a, ref_b, args):
+    """The optimization itself: Adam over `params`, cosine schedule with linear warm-up,
+    gradient accumulation from micro-batches up to --batch-size pairs per step."""
     loss_fn = LOSSES[args.loss]
     pad = pairs["pad_id"]
     n = len(pairs["prompt_ids"])
