@@ -1243,8 +1243,9 @@ def run(args):
 
     # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
     # comparison (and saved, so that a resumed run compares against the very same samples).
-    eval_prompts = [prompt_text(p) for p in held_out for _ in range(args.eval_samples)]
-    eval_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in held_out for _ in range(args.eval_samples)]
+    repeated = [p for p in held_out for _ in range(args.eval_samples)]
+    eval_prompts = [prompt_text(p) for p in repeated]
+    eval_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in repeated]
     initial_path = os.path.join(args.out, "initial_eval.json")
     if start:
         initial, initial_logps = load_eval(initial_path)
