@@ -249,6 +249,10 @@ def hidden_reward(text):
     return float(sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words))
 
 
+def hidden_rewards(texts):
+    return torch.tensor([hidden_reward(t) for t in texts])
+
+
 def tiny_prompts():
     """The 640 built-in prompts, e.g. 'review the old hotel'."""
     return [f"{v} the {q}{t}" for v in VERBS for q in QUALIFIERS for t in TOPICS]
@@ -704,8 +708,7 @@ class SimulatedAnnotators:
         self.n, self.sharpness, self.gen = n, sharpness, gen
 
     def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
-        r = lambda texts: torch.tensor([hidden_reward(t) for t in texts])
-        p = torch.sigmoid(self.sharpness * (r(texts_a) - r(texts_b)))
+        p = torch.sigmoid(self.sharpness * (hidden_rewards(texts_a) - hidden_rewards(texts_b)))
         return torch.bernoulli(p[:, None].expand(-1, self.n), generator=self.gen)
 
 
@@ -816,7 +819,7 @@ class Panel:
 
     def reward(self, texts):
         """The hidden reward, known only when the panel has simulated annotators."""
-        return torch.tensor([hidden_reward(t) for t in texts]) if self.simulated else None
+        return hidden_rewards(texts) if self.simulated else None
 
 
 def build_panel(args, policy, tokenizer, device):
