@@ -12,6 +12,11 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   6. minimize  ( beta*[log pi/pi_t (best) - log pi/pi_t (worst)] - logit p_hat )^2 ;
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
+The file has three parts. Part I is the method, in the order above: settings, soft labels,
+losses, log-probs, sampling, annotators, the steps, the loop. Part II is the machinery (command
+line, files, model loading, LoRA, other annotators, the tiny world, runs that stop); nothing in
+it changes the method. Part III checks the theory and compares the losses.
+
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
   python irepo.py --loss dpo           # the same run with DPO on the panel's majority vote
@@ -25,8 +30,8 @@ Run it:
 Deliberate deviations from the paper (the README explains each):
   1. The paper's body could not be consulted; the loss and the loop are reconstructed from its
      abstract, its reviews and the authors' public training artifacts.
-  2. p_hat is smoothed by adding `smoothing` (0.5) votes to each side (Haldane-Anscombe), so that a
-     unanimous panel still has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
+  2. p_hat is smoothed by adding `smoothing` (0.5) votes to each side (Haldane-Anscombe), so that
+     a unanimous panel has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
   3. The soft label of the best-vs-worst pair reuses the votes that ranked it (no fresh votes).
   4. The default panel is simulated: Bradley-Terry annotators with a hidden reward (they like
      positive words), so that the true reward of a policy can be measured. The Phi-2 and
@@ -39,7 +44,6 @@ Deliberate deviations from the paper (the README explains each):
      README lists each choice and why.
 """
 
-import argparse
 import json
 import math
 import os
@@ -49,34 +53,762 @@ import shutil
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-# ---------------------------------------------------------------------------------------------
-# Configuration. Presets are data; every value in a preset can be overridden by its flag.
-# ---------------------------------------------------------------------------------------------
+# =============================================================================================
+# PART I. THE METHOD, top to bottom in the order of the paper.
+# =============================================================================================
 
-_LLM = dict(  # what the paper's Phi-2 and Mistral-7B settings share; the README explains each value
-    iterations=3, num_responses=4, num_annotators=8, beta=0.01, lr=5e-6, warmup_ratio=0.1,
-    epochs=1, max_new_tokens=256, max_prompt_tokens=512, temperature=0.7,
-    prompts_per_iteration=None, eval_prompts=64, eval_samples=1, lora_rank=16, lora_alpha=32,
-    gradient_checkpointing=True, annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2",
+# --- Settings. Each hyperparameter is declared once, here: name (the flag is --name, with dashes),
+# type, valid range, its value in the built-in tiny world, and its meaning. The paper's Phi-2
+# and Mistral-7B settings are overrides of those values; any flag overrides a preset.
+SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
+    # the method
+    loss=(str, ("irepo", "dpo", "ipo"), "irepo", "objective: iREPO, or DPO or IPO (same family)"),
+    iterations=(int, ">= 1", 3, "T, the number of iterations (fresh prompts each)"),
+    num_responses=(int, ">= 2 (a pair needs two responses)", 4, "K, responses per prompt"),
+    num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
+    annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL', 'human'"),
+    beta=(float, "> 0", 1.0, "beta, the KL strength in r = beta*log(pi/pi_ref)"),
+    smoothing=(float, "> 0, or a unanimous panel has an infinite logit", 0.5,
+               "votes added to each side of p_hat"),
+    sharpness=(float, ">= 0", 1.0, "s in the simulated votes sigma(s*(r_a - r_b))"),
+    # optimization
+    lr=(float, "> 0", 3e-4, "Adam learning rate (cosine schedule with warm-up)"),
+    warmup_ratio=(float, "in [0, 1)", 0.1, "share of the steps that warm the learning rate up"),
+    batch_size=(int, ">= 1", 16, "pairs per optimizer step"),
+    micro_batch_size=(int, ">= 1", 16, "pairs per forward pass (gradient accumulation)"),
+    epochs=(int, ">= 1", 4, "passes over each iteration's pairs"),
+    max_grad_norm=(float, "> 0", 1.0, "gradient clipping"),
+    lora_rank=(int, ">= 0 (0: full fine-tuning)", 0, "LoRA rank; 0 trains every weight"),
+    lora_alpha=(float, ">= 0", 0, "LoRA alpha; the update is scaled by alpha / rank"),
+    lora_targets=(str, None, "c_attn,c_proj,c_fc", "names of the linear layers to adapt"),
+    gradient_checkpointing=(bool, None, False, "recompute activations to save memory"),
+    # sampling and evaluation
+    max_new_tokens=(int, ">= 1", 20, "longest response, in tokens"),
+    max_prompt_tokens=(int, ">= 1", 64, "longer prompts keep their last tokens"),
+    temperature=(float, "> 0", 1.0, "sampling temperature (scoring always uses 1)"),
+    chat_format=(str, ("chatml", "mistral", "tiny"), "tiny", "if the tokenizer has no template"),
+    prompts_per_iteration=(int, ">= 1", 192, "prompts in each iteration's chunk (None: all)"),
+    eval_prompts=(int, ">= 1", 64, "held-out prompts for the win-rate against pi_0"),
+    eval_samples=(int, ">= 1", 4, "responses per held-out prompt, for less noisy estimates"),
+    sample_batch_size=(int, ">= 1", 128, "prompts per generate() call"),
+)
+LLM = dict(  # what the paper's Phi-2 and Mistral-7B settings share; the README explains each
+    beta=0.01, lr=5e-6, epochs=1, lora_rank=16, lora_alpha=32, gradient_checkpointing=True,
+    max_new_tokens=256, max_prompt_tokens=512, temperature=0.7, prompts_per_iteration=None,
+    eval_samples=1, sample_batch_size=16,
+    annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2",
 )
 PRESETS = {
-    "tiny": dict(  # the built-in default: a word-level GPT-2 trained for seconds on a toy corpus
-        iterations=3, num_responses=4, num_annotators=8, beta=1.0, lr=3e-4, batch_size=16,
-        micro_batch_size=16, epochs=4, max_new_tokens=20, max_prompt_tokens=64, temperature=1.0,
-        warmup_ratio=0.1, prompts_per_iteration=192, eval_prompts=64, eval_samples=4,
-        sample_batch_size=128, lora_rank=0, lora_alpha=0, lora_targets="c_attn,c_proj,c_fc",
-        gradient_checkpointing=False, annotators="sim", chat_format="tiny",
-    ),
-    "phi-2": dict(_LLM, batch_size=16, micro_batch_size=4, sample_batch_size=16, chat_format="chatml",
+    "tiny": {},  # the built-in default: a word-level GPT-2 trained for seconds on a toy corpus
+    "phi-2": dict(LLM, batch_size=16, micro_batch_size=4, chat_format="chatml",
                   lora_targets="q_proj,k_proj,v_proj,dense,fc1,fc2"),
-    "mistral-7b": dict(_LLM, batch_size=8, micro_batch_size=2, sample_batch_size=16, chat_format="mistral",
+    "mistral-7b": dict(LLM, batch_size=8, micro_batch_size=2, chat_format="mistral",
                        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
 }
+
+def preset_values(name):
+    """Every setting's value under a preset: the tiny values, overridden by the preset's."""
+    return {key: spec[2] for key, spec in SETTINGS.items()} | PRESETS[name]
+
+# --- Soft labels and ranking (steps 3-4).
+def empirical_preference(votes_a, n_annotators, smoothing=0.5):
+    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing).
+
+    The paper's p_hat is the plain mean of the N votes; with few annotators it is often 0 or 1,
+    whose logit is infinite. Adding half a vote to each side (Haldane-Anscombe) keeps it finite
+    and makes the bias of logit(p_hat) O(1/N^2) instead of O(1/N)."""
+    return (votes_a + smoothing) / (n_annotators + 2 * smoothing)
+
+def preference_logit(p):
+    """logit p = log p - log(1 - p): the reward difference that Bradley-Terry assigns to p."""
+    return torch.log(p) - torch.log1p(-p)
+
+def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
+    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts.
+
+    Args:
+        wins: (..., K, K); wins[..., i, j] = votes for i over j (may be fractional).
+        prior: pseudo-votes added to every ordered pair, so an undefeated response gets a
+            finite score (the MLE alone would send it to infinity).
+    Returns:
+        (..., K) log-strengths, centred to mean 0. Fitted by Zermelo's (1929) fixed point,
+        the MM algorithm: gamma_i <- W_i / sum_j games_ij / (gamma_i + gamma_j).
+    """
+    k = wins.shape[-1]
+    off = 1.0 - torch.eye(k, dtype=torch.float64)
+    w = (wins.double() + prior) * off  # (..., K, K)
+    games = w + w.transpose(-1, -2)  # comparisons between i and j
+    total = w.sum(-1)  # W_i
+    gamma = torch.ones(wins.shape[:-1], dtype=torch.float64)
+    for _ in range(iters):
+        new = total / (games / (gamma[..., :, None] + gamma[..., None, :])).sum(-1)
+        new = new / torch.exp(torch.log(new).mean(-1, keepdim=True))  # fix the scale
+        done = (new - gamma).abs().max() < tol
+        gamma = new
+        if done:
+            break
+    return torch.log(gamma).float()
+
+# --- Losses (step 6): pure functions, per pair, one signature. a is the best response and b the
+# worst; logratio = log pi_theta(y|x) - log pi_t(y|x), summed over response tokens, and
+# h = beta * (logratio_a - logratio_b) is the implicit reward pairwise difference.
+def irepo_loss(logratio_a, logratio_b, target_logit, beta):
+    """iREPO: squared error between the implicit reward difference and logit p_hat(a > b).
+
+    Args: logratio_a (best), logratio_b (worst), target_logit = logit p_hat(a > b): (P,);
+        beta > 0.
+    Returns: (P,) losses  (beta * [logratio_a - logratio_b] - logit p_hat)^2.
+    Its minimizer, with exact preferences, is pi_ref * exp(r / beta) / Z (see --theory)."""
+    return (beta * (logratio_a - logratio_b) - target_logit) ** 2
+
+def dpo_loss(logratio_a, logratio_b, target_logit, beta):
+    """DPO on the panel's majority vote: the winner is a (the best) if logit p_hat >= 0, else b.
+    Returns: (P,) losses  -log sigma(beta * [logratio_w - logratio_l])."""
+    sign = torch.where(target_logit >= 0, 1.0, -1.0)
+    return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
+
+def ipo_loss(logratio_a, logratio_b, target_logit, beta):
+    """IPO: the iREPO regression with a constant target 1/2 towards the majority winner,
+    i.e. IPO's (h - 1/(2 beta))^2 times beta^2, so that one learning rate serves all losses."""
+    sign = torch.where(target_logit >= 0, 1.0, -1.0)
+    return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
+
+
+LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
+
+# --- Log-probabilities (steps 5-7). The one place that owns padding, positions, shifting, masking
+# and the fp32 upcast.
+def collate(prompt_ids, response_ids, pad_id, device):
+    """Lay out rows as [pad.. prompt | response ..pad]: prompts left-padded (as generate() sees
+    them), responses right-padded, the width trimmed to this batch's longest prompt and response.
+    Returns input_ids, attention_mask, response_mask, each (B, P + R)."""
+    P = max(len(p) for p in prompt_ids)
+    R = max(1, max(len(r) for r in response_ids))
+    ids = torch.full((len(prompt_ids), P + R), pad_id, dtype=torch.long)
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, P - len(p):P + len(r)] = 1
+        resp[i, P:P + len(r)] = 1
+    return ids.to(device), attn.to(device), resp.to(device)
+
+def left_pad(prompt_ids, pad_id, device):
+    """Prompts alone, left-padded to a common length: input_ids and attention_mask (B, P)."""
+    ids, attn, _ = collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)
+    return ids[:, :-1], attn[:, :-1]  # collate leaves one response slot; drop it
+
+def last_logits(model, input_ids, attention_mask, keep):
+    """The logits of the last `keep` positions, (B, keep, V), of left-padded rows. Positions
+    count real tokens only, so a padded row is scored exactly as it would be alone; without
+    this, HF models number the pads and shift every position."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 logits_to_keep=keep, use_cache=False).logits
+
+def sequence_logprobs(model, input_ids, attention_mask, response_mask):
+    """log pi(y|x) summed over the response tokens, one value per row.
+
+    Args:
+        input_ids, attention_mask, response_mask: (B, T); response_mask is 1 on response tokens.
+    Returns:
+        (B,) float32 sums of log pi(token | everything before it) over the response tokens.
+    """
+    # The logit at position i predicts token i+1. Responses sit at the right, so only the last
+    # `keep` positions need the LM head: this skips the (B, T, V) logits of the prompts.
+    T = input_ids.shape[1]
+    first = int(response_mask.any(0).float().argmax()) if response_mask.any() else T - 1
+    first = max(first, 1)  # token 0 has nothing before it to predict it
+    logits = last_logits(model, input_ids, attention_mask, T - first + 1)[:, :-1]  # (B, T-first, V)
+    targets = input_ids[:, first:]  # (B, T - first)
+    mask = response_mask[:, first:].bool()
+    # log softmax of the chosen token = its logit - logsumexp(all logits), in fp32. Gathering
+    # first avoids a full (B, T, V) fp32 log-softmax; in bf16 the upcast is row by row.
+    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, T - first)
+    if logits.dtype == torch.float32:
+        lse = torch.logsumexp(logits, dim=-1)
+    else:
+        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    token_logps = torch.where(mask, chosen - lse, 0.0)  # where, not *: pad logits may be nan
+    return token_logps.sum(-1)
+
+@torch.no_grad()  # frozen: the reference pi_t and every evaluation
+def batched_logprobs(model, prompt_ids, response_ids, pad_id, batch_size):
+    out = []
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = collate(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size], pad_id,
+                        model.device)
+        out.append(sequence_logprobs(model, *batch))
+    return torch.cat(out).cpu()
+
+# --- Sampling (step 1): K responses per prompt from the current policy, batched.
+def as_messages(prompt):
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+def prompt_text(prompt):
+    """What annotators are shown as the instruction: the prompt, or a chat's last user turn."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+def encode_prompt(tokenizer, prompt, max_tokens=None):
+    """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
+    one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
+    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has any BOS
+    return ids[-max_tokens:] if max_tokens else ids
+
+@torch.no_grad()
+def sample(model, tokenizer, prompt_ids, k, args, desc):
+    """k responses for each prompt. Returns a list (len(prompt_ids) * k) of token-id lists,
+    grouped by prompt; each ends at its first EOS (kept) or at max_new_tokens."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses = []
+    for i in tqdm(range(0, len(prompt_ids), args.sample_batch_size), desc=desc, leave=False):
+        ids, attn = left_pad(prompt_ids[i:i + args.sample_batch_size], pad, model.device)
+        # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature).
+        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0,
+                             top_p=1.0, temperature=args.temperature,
+                             max_new_tokens=args.max_new_tokens, num_return_sequences=k,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in out[:, ids.shape[1]:].tolist():
+            responses.append(row[:row.index(eos) + 1] if eos in row else row)
+    return responses
+
+def decode(tokenizer, responses):
+    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+
+# --- Annotators (step 2). Every annotator answers, for each pair (a, b), n_annotators values in
+# [0, 1]: a vote or a probability that a is better than b, or nan for no answer. A panel
+# stacks its annotators' answers. Part II adds an LLM judge, a reward model and a person.
+class Annotator:
+    """The protocol. compare() is required; reward() is the true reward of each text where the
+    annotator knows it (only the simulated one does), else None."""
+    n_annotators = 1  # answers per pair
+    interactive = False  # a person: not asked the many held-out comparisons of evaluation
+
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, n_annotators)
+        raise NotImplementedError
+
+    def reward(self, texts):  # -> (P,) or None
+        return None
+
+
+POSITIVE = "great good lovely wonderful fun amazing".split()
+NEGATIVE = "bad awful boring terrible dull poor".split()
+
+def hidden_rewards(texts):
+    """The simulated annotators' reward: (# positive words) - (# negative words), per text."""
+    return torch.tensor([float(sum(w in POSITIVE for w in t.split())
+                               - sum(w in NEGATIVE for w in t.split())) for t in texts])
+
+class SimulatedAnnotators(Annotator):
+    """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
+    votes for a with probability sigma(sharpness * (r(a) - r(b))), independently. `gen` is the
+    panel's random stream, reseeded by the loop for every phase."""
+
+    def __init__(self, n_annotators, sharpness, gen):
+        self.n_annotators, self.sharpness, self.gen = n_annotators, sharpness, gen
+
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
+        p = torch.sigmoid(self.sharpness * (hidden_rewards(texts_a) - hidden_rewards(texts_b)))
+        return torch.bernoulli(p[:, None].expand(-1, self.n_annotators), generator=self.gen)
+
+    def reward(self, texts):
+        return hidden_rewards(texts)
+
+class Panel:
+    """The annotators together. compare() stacks their answers into (P, N); with
+    evaluation=True, people are not asked (the held-out comparisons are many)."""
+
+    def __init__(self, annotators, gen):
+        self.annotators, self.gen = annotators, gen
+
+    def compare(self, prompts, texts_a, texts_b, evaluation=False):
+        answers = [a.compare(prompts, texts_a, texts_b) for a in self.annotators
+                   if not (evaluation and a.interactive)]
+        return torch.cat(answers, 1) if answers else torch.full((len(prompts), 0), float("nan"))
+
+    def reward(self, texts):
+        """The true reward, from the first annotator that knows it; None if none does."""
+        return next((r for r in (a.reward(texts) for a in self.annotators) if r is not None),
+                    None)
+
+# --- Steps 1-4 of one iteration: sample, annotate, rank, label.
+def annotate(panel, prompts, texts, k, smoothing):
+    """Steps 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
+    them; the best-vs-worst pair and its soft label are kept. Answers that are nan (a person's
+    skip) count for neither side. Returns a list of dicts (one per prompt) with best, worst
+    (indices among the k), votes_a, n_annotators (the answers on that pair), p_hat, target."""
+    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    flat = [(prompt_text(prompt), texts[q * k + i], texts[q * k + j])
+            for q, prompt in enumerate(prompts) for i, j in pairs]
+    answers = panel.compare(*map(list, zip(*flat)))  # (prompts * pairs, N)
+    votes = answers.nan_to_num(0.0).sum(-1).view(len(prompts), len(pairs))  # for a
+    counts = (~answers.isnan()).sum(-1).float().view(len(prompts), len(pairs))
+    wins, games = torch.zeros(len(prompts), k, k), torch.zeros(len(prompts), k, k)
+    for m, (i, j) in enumerate(pairs):
+        wins[:, i, j], wins[:, j, i] = votes[:, m], counts[:, m] - votes[:, m]
+        games[:, i, j] = games[:, j, i] = counts[:, m]
+    scores = zermelo_scores(wins)  # (prompts, k)
+    best, worst = scores.argmax(-1), scores.argmin(-1)
+    rows = torch.arange(len(prompts))
+    votes_best, n_best = wins[rows, best, worst], games[rows, best, worst]
+    p_hat = empirical_preference(votes_best, n_best, smoothing)  # step 4: the soft label
+    target = preference_logit(p_hat)
+    return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
+                 n_annotators=int(n_best[q]), p_hat=float(p_hat[q]),
+                 target_logit=float(target[q]), scores=[round(float(s), 4) for s in scores[q]])
+            for q in range(len(prompts))]
+
+def degenerate(text_a, text_b):
+    """Nothing can be learned from identical responses, or from empty ones (including responses
+    truncated to nothing)."""
+    return text_a == text_b or not text_a.strip() or not text_b.strip()
+
+def sampled_pairs(model, tokenizer, panel, chunk, t, args):
+    """Steps 1-4: K samples per prompt from pi_t, the panel's votes, Zermelo ranking, best vs
+    worst, soft label. Returns the training rows and statistics (timings, skipped pairs)."""
+    # 1. Sample K responses per prompt from pi_t.
+    torch.manual_seed(phase_seed(args.seed, t, "sample"))
+    tic = time.time()
+    prompt_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in chunk]
+    responses = sample(model, tokenizer, prompt_ids, args.num_responses, args,
+                       f"iter {t + 1} sample")
+    texts = decode(tokenizer, responses)
+    seconds_sample = time.time() - tic
+
+    # 2-4. The panel votes on every pair; Zermelo ranking; best vs worst; soft label.
+    tic = time.time()
+    panel.gen.manual_seed(phase_seed(args.seed, t, "annotate"))
+    k = args.num_responses
+    rows, skipped = [], 0
+    for q, label in enumerate(annotate(panel, chunk, texts, k, args.smoothing)):
+        a, b = q * k + label["best"], q * k + label["worst"]
+        if degenerate(texts[a], texts[b]) or label["n_annotators"] == 0:
+            skipped += 1  # nothing to learn: equal or empty responses, or no answer at all
+            continue
+        rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **label,
+                         prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
+    eos, tokens = tokenizer.eos_token_id, sum(map(len, responses))
+    return rows, dict(skipped_pairs=skipped, response_tokens_mean=tokens / len(responses),
+                      eos_rate=sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
+                      seconds_sample=seconds_sample, seconds_annotate=time.time() - tic,
+                      sample_tokens_per_s=tokens / seconds_sample)
+
+# --- Steps 5-6: the reference log-probs, then the regression.
+def reference_logprobs(model, rows, pad, args):
+    """Step 5: log pi_t of both responses of every pair, once, without gradients. pi_t is the
+    reference, and these cached numbers are the only trace of it (no second model in memory);
+    they are saved with the pairs, so anyone can check them."""
+    prompt_ids = [r["prompt_ids"] for r in rows]
+    ref_a, ref_b = (batched_logprobs(model, prompt_ids, [r[side] for r in rows], pad,
+                                     args.micro_batch_size) for side in ("a_ids", "b_ids"))
+    for row, la, lb in zip(rows, ref_a.tolist(), ref_b.tolist()):
+        row.update(logp_ref_a=la, logp_ref_b=lb)
+    return ref_a, ref_b
+
+def train(model, rows, ref_a, ref_b, pad, args):
+    """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed;
+    the model becomes pi_{t+1}. With --lora-rank r > 0 only fresh adapters train, and are
+    merged into the weights at the end. Returns the last epoch's diagnostics, and tokens seen."""
+    if args.lora_rank:
+        params = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+    else:
+        params = list(model.parameters())
+        model.requires_grad_(True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
+    try:
+        return optimize(model, params, rows, ref_a, ref_b, pad, args)
+    finally:
+        model.eval()
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        merge_lora(model)
+        model.requires_grad_(False)
+
+def optimize(model, params, rows, ref_a, ref_b, pad, args):
+    """The optimization itself: Adam over `params`, cosine schedule with linear warm-up,
+    gradient accumulation from micro-batches up to --batch-size pairs per step."""
+    from transformers import get_cosine_schedule_with_warmup
+    loss_fn = LOSSES[args.loss]
+    num_pairs = len(rows)
+    target = torch.tensor([r["target_logit"] for r in rows])
+    opt = torch.optim.Adam(params, lr=args.lr)
+    steps = math.ceil(num_pairs / args.batch_size) * args.epochs
+    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+    tokens = 0
+    with tqdm(total=steps, desc="train", leave=False) as bar:  # closed on errors too
+        for epoch in range(args.epochs):
+            h_all, loss_all = torch.zeros(num_pairs), torch.zeros(num_pairs)
+            order = torch.randperm(num_pairs)
+            for start in range(0, num_pairs, args.batch_size):
+                batch = order[start:start + args.batch_size]
+                for m in range(0, len(batch), args.micro_batch_size):
+                    idx = batch[m:m + args.micro_batch_size].tolist()
+                    # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
+                    prompt_ids = [rows[i]["prompt_ids"] for i in idx] * 2
+                    response_ids = [rows[i]["a_ids"] for i in idx] + [rows[i]["b_ids"] for i in idx]
+                    ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
+                    logps = sequence_logprobs(model, ids, attn, resp).cpu()
+                    logps_a, logps_b = logps.split(len(idx))
+                    logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
+                    losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
+                    if not torch.isfinite(losses).all():
+                        raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}")
+                    (losses.sum() / len(batch)).backward()
+                    h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
+                    loss_all[idx] = losses.detach()
+                    tokens += int(attn.sum())
+                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                if not torch.isfinite(norm):
+                    raise FloatingPointError(f"the gradient became non-finite in epoch {epoch + 1}")
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                bar.update()
+                bar.set_postfix(loss=f"{loss_all[batch].mean():.4f}")
+    return dict(loss=float(loss_all.mean()),
+                regression_mse=float(((h_all - target) ** 2).mean()),
+                sign_agreement=float((torch.sign(h_all) == torch.sign(target)).float().mean()),
+                reward_margin=float(h_all.mean())), tokens
+
+# --- Step 7: evaluate pi_{t+1} against pi_0 on held-out prompts.
+def evaluate(model, tokenizer, panel, ev, t, args):
+    """Win-rate against pi_0 and true reward of pi_{t+1}'s held-out samples, and the KL to pi_t
+    and to pi_0. `ev` holds the held-out prompts and the samples of pi_0 and pi_t with their
+    log-probs; pi_{t+1}'s samples replace pi_t's in it."""
+    torch.manual_seed(phase_seed(args.seed, t, "eval"))
+    panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
+    current = sample(model, tokenizer, ev.ids, 1, args, f"iter {t + 1} eval")
+    ev.texts = decode(tokenizer, current)
+    win_rate = panel.compare(ev.prompts, ev.texts, ev.initial_texts, evaluation=True).nanmean()
+    true_reward = panel.reward(ev.texts)
+    # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
+    # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
+    logps = lambda responses: batched_logprobs(model, ev.ids, responses, tokenizer.pad_token_id,
+                                               args.sample_batch_size)
+    kl_ref = (ev.previous_logps - logps(ev.previous)).mean()
+    kl_init = (ev.initial_logps - logps(ev.initial)).mean()
+    ev.previous, ev.previous_logps = current, logps(current)
+    return dict(win_rate_vs_initial=float(win_rate),
+                true_reward=None if true_reward is None else float(true_reward.mean()),
+                kl_to_reference=float(kl_ref), kl_to_initial=float(kl_init))
+
+# --- The loop.
+def run(args):
+    """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
+    r = start_run(args)  # input checked, pi_t loaded (t = 0, or where --resume continues)
+    for t in range(r.start, args.iterations):
+        # 1-4. Sample K responses per prompt from pi_t; the panel votes on every pair; Zermelo
+        #      ranking; best vs worst; the panel's soft label (or take the given pairs).
+        if r.given:
+            rows, stats = given_pairs(r.tokenizer, r.given[t], args.max_prompt_tokens)
+        else:
+            rows, stats = sampled_pairs(r.model, r.tokenizer, r.panel, r.chunks[t], t, args)
+        target = check_targets(rows, t)
+
+        # 5. log pi_t of both responses, once, without gradients.
+        tic = time.time()
+        ref_a, ref_b = reference_logprobs(r.model, rows, r.pad, args)
+
+        # 6. Minimize the loss over the pairs: the model becomes pi_{t+1}.
+        peak_memory_mb(r.device, reset=True)
+        torch.manual_seed(phase_seed(args.seed, t, "train"))
+        try:
+            fitted, tokens = train(r.model, rows, ref_a, ref_b, r.pad, args)
+        except FloatingPointError as e:
+            fail(f"iteration {t + 1}: {e}; try a lower --lr ({t} complete iterations are kept "
+                 f"in {args.out}/)")
+        seconds_train = time.time() - tic
+
+        # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
+        tic = time.time()
+        scores = evaluate(r.model, r.tokenizer, r.panel, r.ev, t, args)
+        metrics = dict(
+            iteration=t + 1, loss_type=args.loss, **fitted, **scores,
+            target_logit_mean=float(target.mean()), pairs=len(rows), **stats,
+            seconds_train=seconds_train, seconds_eval=time.time() - tic,
+            train_tokens_per_s=tokens / seconds_train, peak_memory_mb=peak_memory_mb(r.device))
+        finish_iteration(r, t, rows, metrics)
+    if r.start < args.iterations:
+        show_samples(r, args)
+    return r.history
+
+def check_targets(rows, t):
+    """The pairs' target logits, after checking that there is something finite to learn."""
+    if not rows:
+        fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
+             "try a higher --temperature or more --num-responses")
+    target = torch.tensor([r["target_logit"] for r in rows])
+    if not torch.isfinite(target).all():
+        fail(f"iteration {t + 1}: a target logit is not finite; --smoothing must be > 0")
+    return target
+
+
+# =============================================================================================
+# PART II. THE MACHINERY. Nothing below changes the method: the command line, files, model
+# loading, LoRA, the other annotators, the tiny world, runs that stop, main.
+# =============================================================================================
+
+# --- The command line: the settings of Part I as flags, checked as they are read.
+def fail(message):
+    """Stop before any work: one line on stderr, exit status 2, no traceback."""
+    print(f"irepo.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+def checked(flag, kind, rule):
+    """An argparse type= that parses a value, then stops with one line unless it satisfies
+    `rule`: '> 0', '>= 1', 'in [0, 1)', optionally followed by a reason."""
+    op, bound = rule.split()[:2]
+
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's own "invalid float value"
+        if op == "in":
+            low, high = (float(x) for x in rule[4:rule.index(")")].split(","))
+            ok = low <= value < high
+        else:
+            ok = value > float(bound) if op == ">" else value >= float(bound)
+        if not (ok and math.isfinite(value)):
+            fail(f"{flag} {value}: must be {rule}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+def preset_for(model):
+    """The preset a --model implies: Mistral-7B's for its names (base and Instruct), tiny's for
+    'tiny', and Phi-2's for any other checkpoint."""
+    name = model.rstrip("/").lower()
+    return ("tiny" if name == "tiny" else
+            "mistral-7b" if name.startswith("mistralai/mistral-7b") else "phi-2")
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(
+        description="iREPO: iterative alignment by regression on empirical preferences.")
+    p.error = fail  # one line and exit status 2, instead of usage + message
+    a = p.add_argument
+    a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
+    a("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
+    a("--out", default="out", help="output folder: iterations, pairs, metrics")
+    a("--prompts", default=None, help="FILE: .txt (one prompt a line), or .jsonl with a 'prompt' "
+      "string or a chat 'messages' list")
+    a("--pairs", default=None, help="FILE: train on these labelled pairs (pairs.jsonl format) "
+      "instead of sampling and annotating")
+    a("--resume", action="store_true",
+      help="continue the run in --out after its last complete iteration")
+    a("--overwrite", action="store_true",
+      help="replace the run in --out (its warm-up cache is kept)")
+    a("--seed", type=int, default=0, help="seeds every random stream")
+    a("--theory", action="store_true", help="print numerical checks of the paper's theory, exit")
+    a("--compare", action="store_true", help="run irepo, dpo and ipo on 3 seeds; print a table")
+    a("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    for name, (kind, rule, default, meaning) in SETTINGS.items():  # None: the preset's value
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            a(flag, action=argparse.BooleanOptionalAction, help=meaning)
+        elif isinstance(rule, tuple):
+            a(flag, choices=rule, help=meaning)
+        else:
+            a(flag, type=checked(flag, kind, rule) if rule else kind, help=meaning)
+    args = p.parse_args(argv)
+
+    args.preset = args.preset or preset_for(args.model)
+    for key, value in preset_values(args.preset).items():  # fill what the flags left unset
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.lora_rank and not args.lora_targets.strip(","):
+        fail("--lora-targets: name at least one layer, or use --lora-rank 0")
+    if args.resume and args.overwrite:
+        fail("--resume and --overwrite: choose one")
+    args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
+    args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
+    args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
+    return args
+
+def pick_device(name=None):
+    """Device and dtype are chosen here and in model_dtype, nowhere else."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
+    if name and not available.get(name.split(":")[0]):
+        fail(f"--device {name}: not available here; use one of "
+             + ", ".join(d for d, ok in available.items() if ok))
+    return torch.device(name or next(d for d, ok in available.items() if ok))
+
+def model_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+def peak_memory_mb(device, reset=False):
+    if device.type != "cuda":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+# --- Prompts and given pairs: the built-in list or files, checked line by line before any work.
+INSTRUCTIONS = ["Explain {} to a curious ten-year-old.", "Write a short poem about {}.",
+                "Give three practical tips about {}.", "What are common misconceptions about {}?",
+                "Summarize the history of {} in one paragraph.",
+                "Write a friendly email inviting a colleague to a talk on {}.",
+                "List the pros and cons of {}.", "Describe {} in exactly two sentences."]
+SUBJECTS = ("photosynthesis, compound interest, learning a second language, remote work, the water "
+            "cycle, black holes, sourdough baking, public libraries, sleep, electric cars, chess "
+            "openings, recycling plastic, the Roman Empire, vaccines, jazz improvisation, city "
+            "gardening, password security, volcanoes, minimalism, marathon training").split(", ")
+
+def instruction_prompts():
+    """160 varied built-in instructions, used for real models when --prompts is not given."""
+    return [t.format(s) for t in INSTRUCTIONS for s in SUBJECTS]
+
+def read_lines(path, flag):
+    """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
+    if not os.path.isfile(path):
+        fail(f"{flag} {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        fail(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
+    except OSError as e:
+        fail(f"{flag} {path}: cannot be read ({e.strerror})")
+
+def read_jsonl(path, flag):
+    """(where, object) for every non-empty line of a JSONL file; `where` is 'file:line'."""
+    for number, line in enumerate(read_lines(path, flag), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+        if not isinstance(row, dict):
+            fail(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        yield f"{path}:{number}", row
+
+def read_prompts(path):
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file with a 'prompt' string
+    or a chat 'messages' list, ending in a user turn (a final assistant turn, as in
+    UltraFeedback's 'messages', is dropped: it is the response, not the prompt)."""
+    if not path.endswith(".jsonl"):
+        prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
+    else:
+        prompts = [jsonl_prompt(where, row) for where, row in read_jsonl(path, "--prompts")]
+    if not prompts:
+        fail(f"--prompts {path}: the file holds no prompt")
+    return prompts
+
+def jsonl_prompt(where, row):
+    messages = row.get("messages")
+    if not isinstance(messages, list):
+        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            return row["prompt"].strip()
+        fail(f"{where}: needs a non-empty string field 'prompt' or a list field 'messages'")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+               and isinstance(m.get("content"), str) for m in messages):
+        fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        fail(f"{where}: field 'messages' must end with a user turn")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+def is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def pair_target(row, where, smoothing):
+    """logit p_hat of a given pair, from 'target_logit', else 'p_hat', else the votes."""
+    if "target_logit" in row:
+        if not is_number(row["target_logit"]):
+            fail(f"{where}: field 'target_logit' must be a finite number, "
+                 f"got {row['target_logit']!r}")
+        return float(row["target_logit"])
+    if "p_hat" in row:
+        p = row["p_hat"]
+        if not (is_number(p) and 0 < p < 1):
+            fail(f"{where}: field 'p_hat' must be a number strictly between 0 and 1, got {p!r}")
+        return math.log(p) - math.log1p(-p)
+    if "votes_a" not in row:
+        fail(f"{where}: needs a field 'target_logit', 'p_hat', or 'votes_a' with 'n_annotators'")
+    n, v = row.get("n_annotators"), row["votes_a"]
+    if not (is_number(n) and n >= 1):
+        fail(f"{where}: field 'n_annotators' must be a number >= 1, got {n!r}")
+    if not (is_number(v) and 0 <= v <= n):
+        fail(f"{where}: field 'votes_a' must be a number in [0, n_annotators], got {v!r}")
+    return float(preference_logit(empirical_preference(torch.tensor(float(v)), n, smoothing)))
+
+def read_pairs(path, smoothing):
+    """Labelled pairs in the format iteration_t/pairs.jsonl is written in: 'prompt',
+    'response_a', 'response_b' and a label (see pair_target). Token ids ('prompt_ids', 'a_ids',
+    'b_ids') are used when present, so that a saved pair is reproduced exactly."""
+    rows = []
+    for where, row in read_jsonl(path, "--pairs"):
+        for field in ("prompt", "response_a", "response_b"):
+            if not isinstance(row.get(field), str):
+                fail(f"{where}: field '{field}' must be a string")
+        if not row["prompt"].strip():
+            fail(f"{where}: field 'prompt' is empty")
+        for field in ("prompt_ids", "a_ids", "b_ids"):
+            ids = row.get(field, [])
+            if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
+                fail(f"{where}: field '{field}' must be a list of token ids")
+        rows.append(dict(row, where=where, target_logit=pair_target(row, where, smoothing)))
+    if not rows:
+        fail(f"--pairs {path}: the file holds no pair")
+    return rows
+
+def split_prompts(prompts, args):
+    """Held-out prompts first, then T disjoint chunks, after a seeded shuffle."""
+    if args.eval_prompts >= len(prompts):
+        fail(f"--eval-prompts {args.eval_prompts}: only {len(prompts)} prompts exist, and some "
+             "must be left for training; lower it or give more prompts")
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
+    prompts = [prompts[int(i)] for i in order]
+    held_out, rest = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
+    if len(rest) < args.iterations:
+        fail(f"--iterations {args.iterations}: only {len(rest)} prompts are left after "
+             f"--eval-prompts {args.eval_prompts}; give more prompts or fewer iterations")
+    size = min(args.prompts_per_iteration or len(rest), len(rest) // args.iterations)
+    return held_out, [rest[t * size:(t + 1) * size] for t in range(args.iterations)]
+
+def split_pairs(rows, iterations):
+    """Given pairs, in file order, cut into T consecutive chunks, one per iteration."""
+    if len(rows) < iterations:
+        fail(f"--pairs: {len(rows)} pairs cannot feed {iterations} iterations; "
+             "lower --iterations")
+    size = len(rows) // iterations
+    return [rows[t * size:(t + 1) * size] for t in range(iterations)]
+
+def given_pairs(tokenizer, chunk, max_tokens):
+    """Steps 1-4 replaced by --pairs: tokenize the given pairs (unless they carry token ids)."""
+    rows, skipped, eos = [], 0, tokenizer.eos_token_id
+    for row in chunk:
+        row = dict(row)
+        where = row.pop("where")
+        if degenerate(row["response_a"], row["response_b"]):
+            skipped += 1
+            continue
+        if not row.get("prompt_ids"):
+            row["prompt_ids"] = encode_prompt(tokenizer, row["prompt"], max_tokens)
+        for side in "ab":
+            if not row.get(f"{side}_ids"):
+                text = row[f"response_{side}"]
+                row[f"{side}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+        if max(row["prompt_ids"] + row["a_ids"] + row["b_ids"]) >= len(tokenizer):
+            fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
+        rows.append(row)
+    lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"]
+    return rows, dict(skipped_pairs=skipped,
+                      response_tokens_mean=sum(lengths) / max(1, len(lengths)), eos_rate=None,
+                      seconds_sample=0.0, seconds_annotate=0.0,
+                      sample_tokens_per_s=None)
+
+# --- Model loading.
 # Prompt formats for tokenizers that bring no chat template of their own.
 CHAT_TEMPLATES = {
     "tiny": "{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -88,175 +820,242 @@ CHAT_TEMPLATES = {
                "{% endfor %}",
 }
 
+def load_policy(args, device, folder):
+    """A causal LM and its tokenizer from `folder` (a hub name or local folder). For --model
+    tiny the warm-up folder is built once, then reused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    if folder == args.warmup and not os.path.isfile(os.path.join(folder, "config.json")):
+        build_tiny(folder + ".tmp", seed=0)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(folder + ".tmp", folder)  # a half-written warm-up is never reused
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device),
+                                                     attn_implementation="sdpa").to(device)
+    except (OSError, ValueError, ImportError) as e:
+        fail(f"--model {args.model}: cannot be loaded from {folder} ({first_line(e)}); "
+             "use --model tiny or a local folder")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]  # saved with every iteration
+    # Zero every dropout, so that train mode (which gradient checkpointing needs) computes the
+    # same function as evaluation: pi_theta == pi_t at the first step.
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    # A checkpoint's own generation settings (top-k, repetition penalty, ...) would reshape the
+    # samples; a neutral config leaves only --temperature, so the samples come from pi_t.
+    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    if args.lora_rank and not lora_layers(model, args.lora_targets):
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
+        fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that "
+             f"name; its linear layers are {','.join(linear)}")
+    return model, tokenizer
 
-def preset_for(model):
-    """The preset a --model name implies: Phi-2 and Mistral-7B (base and Instruct) by name,
-    tiny for 'tiny', and the Phi-2 preset for any other checkpoint."""
-    name = model.rstrip("/").lower()
-    if name == "tiny":
-        return "tiny"
-    if name.startswith("mistralai/mistral-7b"):
-        return "mistral-7b"
-    return "phi-2"
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
+# --- LoRA, in the file: adapters on the chosen linear layers, merged back after every iteration so
+# that each saved iteration is a plain model and pi_t is exactly the next reference.
+def is_linear(module):
+    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and exit status 2, instead of usage + message
-        fail(message)
+class LoRALinear(torch.nn.Module):
+    """y = base(x) + (alpha / r) * B A x. B starts at zero, so the adapted model starts exactly
+    at pi_t; A and B are fp32 whatever the base's dtype, so that small updates are not rounded
+    away in bf16."""
 
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base, self.scale = base, alpha / rank
+        self.transposed = not isinstance(base, torch.nn.Linear)  # Conv1D stores W as (in, out)
+        d_out, d_in = base.weight.shape[::-1] if self.transposed else base.weight.shape
+        self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=base.weight.device))
+        self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=base.weight.device))
+        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-def fail(message):
-    """Stop before any work: one line on stderr, exit status 2, no traceback."""
-    print(f"irepo.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    def forward(self, x):
+        return self.base(x) + (self.scale * (x.float() @ self.A.T @ self.B.T)).to(x.dtype)
 
+def lora_layers(model, targets):
+    names = {t.strip() for t in targets.split(",") if t.strip()}
+    return [n for n, m in model.named_modules() if n.split(".")[-1] in names and is_linear(m)]
 
-def parse_args(argv=None):
-    p = Parser(description="iREPO: iterative alignment by regression on empirical preferences.")
-    a = p.add_argument
-    # what to run
-    a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
-    a("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
-    a("--out", default="out", help="output folder: iterations, pairs, metrics")
-    a("--prompts", default=None, help="FILE: .txt (one prompt a line), or .jsonl with a 'prompt' "
-      "string or a chat 'messages' list")
-    a("--pairs", default=None, help="FILE: train on these labelled pairs (pairs.jsonl format) "
-      "instead of sampling and annotating")
-    a("--annotators", help="the panel, e.g. 'sim', 'sim:8,judge:MODEL', 'rm:MODEL', 'self', 'human'")
-    a("--resume", action="store_true", help="continue the run in --out after its last complete iteration")
-    a("--overwrite", action="store_true", help="replace the run in --out (its warm-up cache is kept)")
-    a("--loss", default="irepo", choices=["irepo", "dpo", "ipo"], help="objective (same family)")
-    a("--seed", type=int, default=0, help="seeds every random stream")
-    a("--theory", action="store_true", help="print the numerical checks of the paper's theory, exit")
-    a("--compare", action="store_true", help="run irepo, dpo and ipo on 3 seeds each; print a table")
-    # the method (None: the preset's value)
-    a("--iterations", type=int, help="T, the number of iterations (fresh prompts each)")
-    a("--num-responses", type=int, help="K, responses sampled per prompt")
-    a("--num-annotators", type=int, help="N, simulated annotators in 'sim'; each votes once per pair")
-    a("--beta", type=float, help="beta, the KL strength in r = beta*log(pi/pi_ref)")
-    a("--smoothing", type=float, default=0.5, help="votes added to each side of p_hat")
-    a("--sharpness", type=float, default=1.0, help="s in the simulated votes sigma(s*(r_a - r_b))")
-    # optimization
-    a("--lr", type=float, help="Adam learning rate (cosine schedule with warm-up)")
-    a("--warmup-ratio", type=float, help="share of the steps spent warming the learning rate up")
-    a("--batch-size", type=int, help="pairs per optimizer step")
-    a("--micro-batch-size", type=int, help="pairs per forward pass (gradient accumulation)")
-    a("--epochs", type=int, help="passes over each iteration's pairs")
-    a("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    a("--lora-rank", type=int, help="LoRA rank; 0 trains every weight")
-    a("--lora-alpha", type=float, help="LoRA alpha; the update is scaled by alpha / rank")
-    a("--lora-targets", help="comma-separated names of the linear layers that get adapters")
-    a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-      help="recompute activations in the backward pass to save memory")
-    # sampling and evaluation
-    a("--max-new-tokens", type=int, help="longest response, in tokens")
-    a("--max-prompt-tokens", type=int, help="longer prompts keep their last tokens")
-    a("--temperature", type=float, help="sampling temperature (scoring always uses 1)")
-    a("--chat-format", choices=sorted(CHAT_TEMPLATES), help="prompt format if the tokenizer has no chat template")
-    a("--prompts-per-iteration", type=int, help="size of each iteration's prompt chunk (default: all)")
-    a("--eval-prompts", type=int, help="held-out prompts for the win-rate against pi_0")
-    a("--eval-samples", type=int, help="responses per held-out prompt, for less noisy estimates")
-    a("--sample-batch-size", type=int, help="prompts per generate() call")
-    a("--device", default=None, help="cuda, mps or cpu (default: the first available)")
-    args = p.parse_args(argv)
+def swap(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
-    args.preset = args.preset or preset_for(args.model)
-    for key, value in PRESETS[args.preset].items():  # fill what the flags left unset
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    checks = [
-        ("--beta", args.beta > 0, "must be > 0"),
-        ("--iterations", args.iterations >= 1, "must be >= 1"),
-        ("--num-responses", args.num_responses >= 2, "must be >= 2 (a pair needs two responses)"),
-        ("--num-annotators", args.num_annotators >= 1, "must be >= 1"),
-        ("--smoothing", args.smoothing > 0, "must be > 0, or a unanimous panel has an infinite logit"),
-        ("--sharpness", args.sharpness >= 0, "must be >= 0"),
-        ("--lr", args.lr > 0, "must be > 0"),
-        ("--warmup-ratio", 0 <= args.warmup_ratio < 1, "must be in [0, 1)"),
-        ("--batch-size", args.batch_size >= 1, "must be >= 1"),
-        ("--micro-batch-size", args.micro_batch_size >= 1, "must be >= 1"),
-        ("--epochs", args.epochs >= 1, "must be >= 1"),
-        ("--max-grad-norm", args.max_grad_norm > 0, "must be > 0"),
-        ("--lora-rank", args.lora_rank >= 0, "must be >= 0 (0: full fine-tuning)"),
-        ("--lora-alpha", args.lora_alpha >= 0, "must be >= 0"),
-        ("--max-new-tokens", args.max_new_tokens >= 1, "must be >= 1"),
-        ("--max-prompt-tokens", args.max_prompt_tokens >= 1, "must be >= 1"),
-        ("--temperature", args.temperature > 0, "must be > 0"),
-        ("--prompts-per-iteration", (args.prompts_per_iteration or 1) >= 1, "must be >= 1"),
-        ("--eval-prompts", args.eval_prompts >= 1, "must be >= 1"),
-        ("--eval-samples", args.eval_samples >= 1, "must be >= 1"),
-        ("--sample-batch-size", args.sample_batch_size >= 1, "must be >= 1"),
-    ]
-    for flag, ok, why in checks:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if not (ok and math.isfinite(value or 0)):
-            fail(f"{flag} {value}: {why}")
-    if args.lora_rank and not args.lora_targets.strip(","):
-        fail("--lora-targets: name at least one layer, or use --lora-rank 0")
-    if args.resume and args.overwrite:
-        fail("--resume and --overwrite: choose one")
-    args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
-    args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
-    args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
-    return args
+def add_lora(model, rank, alpha, targets):
+    """Freeze the model, wrap the target layers in LoRALinear; returns the adapter parameters."""
+    model.requires_grad_(False)
+    for name in lora_layers(model, targets):
+        swap(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)]
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight, W += (alpha / r) B A, in fp32 then cast, and put
+    the plain layer back."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LoRALinear):
+            delta = m.scale * (m.B @ m.A)  # (out, in)
+            m.base.weight += (delta.T if m.transposed else delta).to(m.base.weight.dtype)
+            swap(model, name, m.base)
+
+# --- The other annotators. --annotators is a comma-separated list of:
+#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
+#   judge:MODEL  a causal LM asked which response is better, in both orders
+#   self         the policy itself as that judge (self-alignment)
+#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
+#   human        a person at the terminal, answering a, b or skip
+def parse_annotators(spec, n_sim):
+    """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed."""
+    kinds = []
+    for item in (x.strip() for x in spec.split(",")):
+        kind, _, arg = item.partition(":")
+        if kind == "sim" and (not arg or (arg.isdigit() and int(arg) >= 1)):
+            kinds.append(("sim", int(arg) if arg else n_sim))
+        elif kind in ("judge", "rm") and arg:
+            kinds.append((kind, arg))
+        elif kind in ("self", "human") and not arg:
+            kinds.append((kind, None))
+        else:
+            fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL, "
+                 "rm:MODEL, self or human, separated by commas")
+    return kinds
 
 
-# ---------------------------------------------------------------------------------------------
-# Device and dtype, in one place.
-# ---------------------------------------------------------------------------------------------
+JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
+                  "Response A:\n{a}\n\nResponse B:\n{b}\n\nAnswer with a single letter, A or B.")
 
-def pick_device(name=None):
-    if name:
-        available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-        if not available.get(name.split(":")[0]):
-            fail(f"--device {name}: not available here; use one of "
-                 + ", ".join(d for d, ok in available.items() if ok))
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+class ModelAnnotator(Annotator):
+    def __init__(self, model, tokenizer, batch_size, max_tokens):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_tokens = batch_size, max_tokens
 
+class JudgeAnnotator(ModelAnnotator):
+    """A causal LM as a judge. Its probability that a is better comes from its next-token
+    logits for the two labels, asked with a shown first and again with b first, averaged:
+    an LLM judge's position bias cancels."""
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+    def __init__(self, model, tokenizer, *sizes):
+        super().__init__(model, tokenizer, *sizes)
+        # The ids a model may answer a label with: the letter alone or after a space.
+        self.labels = [sorted({tokenizer(s, add_special_tokens=False)["input_ids"][-1]
+                               for s in (x, " " + x)}) for x in "AB"]
+        if set(self.labels[0]) & set(self.labels[1]):
+            raise ValueError("its tokenizer cannot tell the labels 'A' and 'B' apart")
 
+    @torch.no_grad()
+    def p_first(self, prompts, first, second):
+        """P(label A) when `first` is shown as response A, batched."""
+        ids = [encode_prompt(self.tokenizer, JUDGE_QUESTION.format(prompt=q, a=x, b=y),
+                             self.max_tokens) for q, x, y in zip(prompts, first, second)]
+        out = []
+        for i in range(0, len(ids), self.batch_size):
+            batch = left_pad(ids[i:i + self.batch_size], self.tokenizer.pad_token_id,
+                             self.model.device)
+            logits = last_logits(self.model, *batch, keep=1)[:, -1].float()
+            score_a, score_b = (torch.logsumexp(logits[:, label], -1) for label in self.labels)
+            out.append(torch.sigmoid(score_a - score_b).cpu())
+        return torch.cat(out)
 
-# ---------------------------------------------------------------------------------------------
-# The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
-# The simulated annotators like positive words: each one in a response adds 1 to its hidden
-# reward, each negative word subtracts 1. A warm-up on random reviews (a stand-in for the SFT
-# model the paper starts from) gives pi_0 with about as many negative words as positive ones.
-# ---------------------------------------------------------------------------------------------
+    def compare(self, prompts, texts_a, texts_b):
+        both = (self.p_first(prompts, texts_a, texts_b)
+                + 1 - self.p_first(prompts, texts_b, texts_a)) / 2
+        return both[:, None]
 
+class RewardModelAnnotator(ModelAnnotator):
+    """A scalar reward model (AutoModelForSequenceClassification, one logit) scores each
+    distinct (prompt, response) once; a pair gets p = sigma(r_a - r_b)."""
+
+    @torch.no_grad()
+    def scores(self, prompts, texts):
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            q, y = prompts[i:i + self.batch_size], texts[i:i + self.batch_size]
+            if self.tokenizer.chat_template:  # a chat RM scores the conversation
+                q = [self.tokenizer.apply_chat_template([{"role": "user", "content": a},
+                                                         {"role": "assistant", "content": b}],
+                                                        tokenize=False) for a, b in zip(q, y)]
+                y = None
+            enc = self.tokenizer(q, y, padding=True, truncation=True, max_length=self.max_tokens,
+                                 return_tensors="pt").to(self.model.device)
+            out.append(self.model(**enc).logits[:, 0].float().cpu())
+        return torch.cat(out)
+
+    def compare(self, prompts, texts_a, texts_b):
+        keys = sorted(set(zip(prompts, texts_a)) | set(zip(prompts, texts_b)))
+        score = dict(zip(keys, self.scores([k[0] for k in keys], [k[1] for k in keys]).tolist()))
+        r_a, r_b = (torch.tensor([score[k] for k in zip(prompts, t)]) for t in (texts_a, texts_b))
+        return torch.sigmoid(r_a - r_b)[:, None]
+
+class HumanAnnotator(Annotator):
+    """A person at the terminal: shown the prompt and both responses, answers a, b or skip."""
+    interactive = True
+
+    def compare(self, prompts, texts_a, texts_b):
+        answers = []
+        for q, a, b in zip(prompts, texts_a, texts_b):
+            print(f"\n--- prompt ---\n{q}\n--- response a ---\n{a}\n--- response b ---\n{b}")
+            answer = ""
+            while answer not in ("a", "b", "skip"):
+                try:
+                    answer = input("Which is better? [a/b/skip] ").strip().lower()
+                except EOFError:
+                    fail("--annotators human: the input ended before every pair was answered")
+            answers.append({"a": 1.0, "b": 0.0, "skip": float("nan")}[answer])
+        return torch.tensor(answers)[:, None]
+
+def build_panel(args, policy, tokenizer, device):
+    """Load every annotator of --annotators; one that cannot be loaded stops the run."""
+    from transformers import AutoModelForCausalLM as LM, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification as RM
+    gen = torch.Generator().manual_seed(args.seed)  # the simulated votes' stream
+    sizes = (args.sample_batch_size, args.max_prompt_tokens * 4)
+    annotators = []
+    for kind, arg in args.annotator_specs:
+        try:
+            if kind in ("judge", "rm"):
+                judge_tokenizer = AutoTokenizer.from_pretrained(arg)
+                judge_tokenizer.pad_token = judge_tokenizer.pad_token or judge_tokenizer.eos_token
+                if kind == "judge" and not judge_tokenizer.chat_template:
+                    judge_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
+                model = (LM if kind == "judge" else RM).from_pretrained(
+                    arg, dtype=model_dtype(device)).to(device).eval()
+                model.config.pad_token_id = judge_tokenizer.pad_token_id
+                cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
+                annotators.append(cls(model, judge_tokenizer, *sizes))
+            else:
+                annotators.append(SimulatedAnnotators(arg, args.sharpness, gen) if kind == "sim"
+                                  else HumanAnnotator() if kind == "human"
+                                  else JudgeAnnotator(policy, tokenizer, *sizes))
+        except (OSError, ValueError, ImportError) as e:
+            fail(f"--annotators {kind}{':' + arg if arg else ''}: cannot be loaded "
+                 f"({first_line(e)}); use a local folder, or --annotators sim")
+    return Panel(annotators, gen)
+
+# --- The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
+# The simulated annotators like positive words (POSITIVE and NEGATIVE, in Part I). A warm-up on
+# random reviews (a stand-in for the SFT model the paper starts from) gives pi_0 with about as
+# many negative words as positive ones.
 TOPICS = ("food movie hotel book game park song class trip room "
           "city show beach team car phone cafe museum concert garden").split()
 QUALIFIERS = ["", "old ", "new ", "big ", "small ", "local ", "first ", "last "]
 VERBS = ["describe", "review", "tell me about", "write about"]
 ASPECTS = "staff price view music story ending service crowd weather start".split()
-POSITIVE = "great good lovely wonderful fun amazing".split()
-NEGATIVE = "bad awful boring terrible dull poor".split()
 NEUTRAL = "fine okay long quiet busy usual".split()
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<reply>"]
-
-
-def hidden_reward(text):
-    """The simulated annotators' reward: (# positive words) - (# negative words)."""
-    words = text.split()
-    return float(sum(w in POSITIVE for w in words) - sum(w in NEGATIVE for w in words))
-
-
-def hidden_rewards(texts):
-    return torch.tensor([hidden_reward(t) for t in texts])
-
 
 def tiny_prompts():
     """The 640 built-in prompts, e.g. 'review the old hotel'."""
     return [f"{v} the {q}{t}" for v in VERBS for q in QUALIFIERS for t in TOPICS]
-
 
 def tiny_review(prompt, gen):
     """A random review of the prompt's topic, 1 to 3 clauses, adjectives drawn uniformly."""
@@ -266,7 +1065,6 @@ def tiny_review(prompt, gen):
     for _ in range(int(torch.randint(3, (1,), generator=gen))):
         clauses.append(f"the {pick(ASPECTS)} was {pick(adjectives)}")
     return " and ".join(clauses) + " ."
-
 
 def build_tiny(folder, seed=0, steps=600):
     """Build the tiny policy (word-level tokenizer + 2-layer GPT-2), fit it to random reviews
@@ -306,750 +1104,18 @@ def build_tiny(folder, seed=0, steps=600):
     tokenizer.save_pretrained(folder)
     return model, tokenizer
 
-
-# ---------------------------------------------------------------------------------------------
-# Prompts and given pairs: the built-in list or files, checked line by line before any work.
-# ---------------------------------------------------------------------------------------------
-
-INSTRUCTIONS = ["Explain {} to a curious ten-year-old.", "Write a short poem about {}.",
-                "Give three practical tips about {}.", "What are common misconceptions about {}?",
-                "Summarize the history of {} in one paragraph.", "Write a friendly email inviting a "
-                "colleague to a talk on {}.", "List the pros and cons of {}.", "Describe {} in exactly "
-                "two sentences."]
-SUBJECTS = ["photosynthesis", "compound interest", "learning a second language", "remote work",
-            "the water cycle", "black holes", "sourdough baking", "public libraries", "sleep",
-            "electric cars", "chess openings", "recycling plastic", "the Roman Empire", "vaccines",
-            "jazz improvisation", "city gardening", "password security", "volcanoes", "minimalism",
-            "marathon training"]
-
-
-def instruction_prompts():
-    """160 varied built-in instructions, used for real models when --prompts is not given."""
-    return [t.format(s) for t in INSTRUCTIONS for s in SUBJECTS]
-
-
-def read_lines(path, flag):
-    """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: no such file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        fail(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
-    except OSError as e:
-        fail(f"{flag} {path}: cannot be read ({e.strerror})")
-
-
-def read_jsonl(path, flag):
-    """(where, object) for every non-empty line of a JSONL file; `where` is 'file:line'."""
-    for number, line in enumerate(read_lines(path, flag), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
-        if not isinstance(row, dict):
-            fail(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        yield f"{path}:{number}", row
-
-
-def read_prompts(path):
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file with a 'prompt' string
-    or a chat 'messages' list (a conversation ending in a user turn; a final assistant turn,
-    as in UltraFeedback's 'messages', is dropped: it is the response, not the prompt)."""
-    if path.endswith(".jsonl"):
-        prompts = []
-        for where, row in read_jsonl(path, "--prompts"):
-            if isinstance(row.get("messages"), list):
-                messages = row["messages"]
-                if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages):
-                    fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
-                while messages and messages[-1]["role"] == "assistant":
-                    messages = messages[:-1]
-                if not messages or messages[-1]["role"] != "user":
-                    fail(f"{where}: field 'messages' must end with a user turn")
-                prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
-            elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-                prompts.append(row["prompt"].strip())
-            else:
-                fail(f"{where}: needs a non-empty string field 'prompt' or a list field 'messages'")
-    else:
-        prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
-    if not prompts:
-        fail(f"--prompts {path}: the file holds no prompt")
-    return prompts
-
-
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def pair_target(row, where, smoothing):
-    """logit p_hat of a given pair, from 'target_logit', else 'p_hat', else the votes."""
-    if "target_logit" in row:
-        if not is_number(row["target_logit"]):
-            fail(f"{where}: field 'target_logit' must be a finite number, got {row['target_logit']!r}")
-        return float(row["target_logit"])
-    if "p_hat" in row:
-        p = row["p_hat"]
-        if not (is_number(p) and 0 < p < 1):
-            fail(f"{where}: field 'p_hat' must be a number strictly between 0 and 1, got {p!r}")
-        return math.log(p) - math.log1p(-p)
-    if "votes_a" in row:
-        n, v = row.get("n_annotators"), row["votes_a"]
-        if not (is_number(n) and n >= 1):
-            fail(f"{where}: field 'n_annotators' must be a number >= 1, got {n!r}")
-        if not (is_number(v) and 0 <= v <= n):
-            fail(f"{where}: field 'votes_a' must be a number in [0, n_annotators], got {v!r}")
-        return float(preference_logit(empirical_preference(torch.tensor(float(v)), n, smoothing)))
-    fail(f"{where}: needs a field 'target_logit', 'p_hat', or 'votes_a' with 'n_annotators'")
-
-
-def read_pairs(path, smoothing):
-    """Labelled pairs in the format iteration_t/pairs.jsonl is written in: 'prompt',
-    'response_a', 'response_b' and a label (see pair_target). Token ids ('prompt_ids', 'a_ids',
-    'b_ids') are used when present, so that a saved pair is reproduced exactly."""
-    rows = []
-    for where, row in read_jsonl(path, "--pairs"):
-        for field in ("prompt", "response_a", "response_b"):
-            if not isinstance(row.get(field), str):
-                fail(f"{where}: field '{field}' must be a string")
-        if not row["prompt"].strip():
-            fail(f"{where}: field 'prompt' is empty")
-        row["target_logit"] = pair_target(row, where, smoothing)
-        for field in ("prompt_ids", "a_ids", "b_ids"):
-            ids = row.get(field, [])
-            if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
-                fail(f"{where}: field '{field}' must be a list of token ids")
-        rows.append(dict(row, where=where))
-    if not rows:
-        fail(f"--pairs {path}: the file holds no pair")
-    return rows
-
-
-def split_prompts(prompts, args):
-    """Held-out prompts first, then T disjoint chunks, after a seeded shuffle."""
-    if args.eval_prompts >= len(prompts):
-        fail(f"--eval-prompts {args.eval_prompts}: only {len(prompts)} prompts exist, and some "
-             "must be left for training; lower it or give more prompts")
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
-    prompts = [prompts[int(i)] for i in order]
-    held_out, rest = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
-    if len(rest) < args.iterations:
-        fail(f"--iterations {args.iterations}: only {len(rest)} prompts are left after "
-             f"--eval-prompts {args.eval_prompts}; give more prompts or fewer iterations")
-    size = min(args.prompts_per_iteration or len(rest), len(rest) // args.iterations)
-    return held_out, [rest[t * size:(t + 1) * size] for t in range(args.iterations)]
-
-
-def split_pairs(rows, iterations):
-    """Given pairs, in file order, cut into T consecutive chunks, one per iteration."""
-    if len(rows) < iterations:
-        fail(f"--pairs: {len(rows)} pairs cannot feed {iterations} iterations; lower --iterations")
-    size = len(rows) // iterations
-    return [rows[t * size:(t + 1) * size] for t in range(iterations)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Model loading.
-# ---------------------------------------------------------------------------------------------
-
-def load_policy(args, device, folder):
-    """A causal LM and its tokenizer from `folder` (a hub name or local folder). For --model
-    tiny the warm-up folder is built once, then reused."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    if folder == args.warmup and not os.path.isfile(os.path.join(folder, "config.json")):
-        build_tiny(folder + ".tmp", seed=0)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(folder + ".tmp", folder)  # a half-written warm-up is never reused
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device),
-                                                     attn_implementation="sdpa").to(device)
-    except (OSError, ValueError, ImportError) as e:
-        fail(f"--model {args.model}: cannot be loaded from {folder} ({first_line(e)}); "
-             "use --model tiny or a local folder")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]  # saved with every iteration
-    disable_dropout(model)
-    # A checkpoint's own generation settings (top-k, repetition penalty, ...) would reshape the
-    # samples; a neutral config leaves only --temperature, so the samples come from pi_t.
-    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    if args.lora_rank and not lora_layers(model, args.lora_targets):
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
-        fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that name; "
-             f"its linear layers are {','.join(linear)}")
-    return model, tokenizer
-
-
-def model_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def disable_dropout(model):
-    """Zero every dropout, so that training-mode forward passes (needed for gradient
-    checkpointing) compute the same function as evaluation: pi_theta == pi_t at the first step."""
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA, in the file: adapters on the chosen linear layers, merged back after every iteration so
-# that each saved iteration is a plain model and pi_t is exactly the next reference.
-# ---------------------------------------------------------------------------------------------
-
-def is_linear(module):
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
-
-
-class LoRALinear(torch.nn.Module):
-    """y = base(x) + (alpha / r) * B A x. B starts at zero, so the adapted model starts exactly
-    at pi_t; A and B are fp32 whatever the base's dtype, so that small updates are not rounded
-    away in bf16."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        self.transposed = not isinstance(base, torch.nn.Linear)  # Conv1D stores W as (in, out)
-        d_out, d_in = base.weight.shape[::-1] if self.transposed else base.weight.shape
-        self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=base.weight.device))
-        self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=base.weight.device))
-        torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + (self.scale * (x.float() @ self.A.T @ self.B.T)).to(x.dtype)
-
-    @torch.no_grad()
-    def merged(self):
-        delta = self.scale * (self.B @ self.A)  # (out, in), in fp32
-        self.base.weight += (delta.T if self.transposed else delta).to(self.base.weight.dtype)
-        return self.base
-
-
-def lora_layers(model, targets):
-    names = {t.strip() for t in targets.split(",") if t.strip()}
-    return [n for n, m in model.named_modules() if n.split(".")[-1] in names and is_linear(m)]
-
-
-def add_lora(model, rank, alpha, targets):
-    """Freeze the model, wrap the target layers in LoRALinear; returns the adapter parameters."""
-    model.requires_grad_(False)
-    for name in lora_layers(model, targets):
-        parent, _, child = name.rpartition(".")
-        holder = model.get_submodule(parent) if parent else model
-        setattr(holder, child, LoRALinear(getattr(holder, child), rank, alpha))
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)]
-
-
-def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain layer back."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.merged())
-
-
-def as_messages(prompt):
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
-
-def prompt_text(prompt):
-    """What annotators are shown as the instruction: the prompt, or a chat's last user turn."""
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
-
-def encode_prompt(tokenizer, prompt, max_tokens=None):
-    """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
-    one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
-    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has any BOS
-    return ids[-max_tokens:] if max_tokens else ids
-
-
-# ---------------------------------------------------------------------------------------------
-# Log-probabilities. The one place that owns shifting, masking and the fp32 upcast.
-# ---------------------------------------------------------------------------------------------
-
-def collate(prompt_ids, response_ids, pad_id, device):
-    """Lay out rows as [pad.. prompt | response ..pad]: prompts left-padded (as generate() sees
-    them), responses right-padded, the width trimmed to this batch's longest prompt and response.
-    Returns input_ids, attention_mask, response_mask, each (B, P + R)."""
-    P = max(len(p) for p in prompt_ids)
-    R = max(1, max(len(r) for r in response_ids))
-    B = len(prompt_ids)
-    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, P + R), dtype=torch.long)
-    resp = torch.zeros((B, P + R), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-        attn[i, P - len(p):P + len(r)] = 1
-        resp[i, P:P + len(r)] = 1
-    return ids.to(device), attn.to(device), resp.to(device)
-
-
-def left_pad(prompt_ids, pad_id, device):
-    """Prompts alone, left-padded to a common length: input_ids and attention_mask (B, P)."""
-    ids, attn, _ = collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)
-    return ids[:, :-1], attn[:, :-1]  # collate leaves one response slot; drop it
-
-
-def sequence_logprobs(model, input_ids, attention_mask, response_mask):
-    """log pi(y|x) summed over the response tokens, one value per row.
-
-    Args:
-        input_ids, attention_mask, response_mask: (B, T); response_mask is 1 on response tokens.
-    Returns:
-        (B,) float32 sums of log pi(token | everything before it) over the response tokens.
-    """
-    # Positions count real tokens only, so a left-padded row is scored exactly as it would be
-    # alone; without this, HF models number the pads and shift every position.
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    # The logit at position i predicts token i+1. Responses sit at the right, so only the last
-    # `keep` positions need the LM head: this skips the (B, T, V) logits of the prompts.
-    first = int(response_mask.any(0).float().argmax()) if response_mask.any() else input_ids.shape[1] - 1
-    first = max(first, 1)  # token 0 has nothing before it to predict it
-    keep = input_ids.shape[1] - first + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=keep, use_cache=False).logits[:, :-1]  # (B, T - first, V)
-    targets = input_ids[:, first:]  # (B, T - first)
-    mask = response_mask[:, first:].bool()
-    # log softmax of the chosen token = its logit - logsumexp(all logits), in fp32. Gathering
-    # first avoids a full (B, T, V) fp32 log-softmax; in bf16 the upcast is row by row.
-    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, T - first)
-    if logits.dtype == torch.float32:
-        lse = torch.logsumexp(logits, dim=-1)
-    else:
-        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
-    token_logps = torch.where(mask, chosen - lse, 0.0)  # where, not *: pad logits may be nan
-    return token_logps.sum(-1)
-
-
-@torch.no_grad()  # frozen: the reference pi_t and every evaluation
-def batched_logprobs(model, prompt_ids, response_ids, pad_id, batch_size):
-    out = []
-    for i in range(0, len(prompt_ids), batch_size):
-        batch = collate(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size], pad_id,
-                        model.device)
-        out.append(sequence_logprobs(model, *batch))
-    return torch.cat(out).cpu()
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling: K responses per prompt from the current policy, batched.
-# ---------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def sample(model, tokenizer, prompt_ids, k, args, desc):
-    """k responses for each prompt. Returns a list (len(prompt_ids) * k) of token-id lists,
-    grouped by prompt; each ends at its first EOS (kept) or at max_new_tokens."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    responses = []
-    for i in tqdm(range(0, len(prompt_ids), args.sample_batch_size), desc=desc, leave=False):
-        ids, attn = left_pad(prompt_ids[i:i + args.sample_batch_size], pad, model.device)
-        # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature).
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0, top_p=1.0,
-                             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                             num_return_sequences=k, pad_token_id=pad, eos_token_id=eos)
-        for row in out[:, ids.shape[1]:].tolist():
-            responses.append(row[:row.index(eos) + 1] if eos in row else row)
-    return responses
-
-
-# ---------------------------------------------------------------------------------------------
-# Annotators. Each answers, for every pair (a, b), n values in [0, 1]: a vote or a probability
-# that a is better than b, or nan for no answer. A panel stacks its annotators' answers.
-# --annotators is a comma-separated list of:
-#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
-#   judge:MODEL  a causal LM asked which response is better, in both orders
-#   self         the policy itself as that judge (self-alignment)
-#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
-#   human        a person at the terminal, answering a, b or skip
-# ---------------------------------------------------------------------------------------------
-
-def parse_annotators(spec, n_sim):
-    """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed."""
-    kinds = []
-    for item in (x.strip() for x in spec.split(",")):
-        kind, _, arg = item.partition(":")
-        if kind == "sim" and (not arg or (arg.isdigit() and int(arg) >= 1)):
-            kinds.append(("sim", int(arg) if arg else n_sim))
-        elif kind in ("judge", "rm") and arg:
-            kinds.append((kind, arg))
-        elif kind in ("self", "human") and not arg:
-            kinds.append((kind, None))
-        else:
-            fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL, rm:MODEL, "
-                 "self or human, separated by commas")
-    return kinds
-
-
-class SimulatedAnnotators:
-    """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
-    votes for a with probability sigma(sharpness * (r(a) - r(b))), independently."""
-    interactive = False
-
-    def __init__(self, n, sharpness, gen):
-        self.n, self.sharpness, self.gen = n, sharpness, gen
-
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
-        p = torch.sigmoid(self.sharpness * (hidden_rewards(texts_a) - hidden_rewards(texts_b)))
-        return torch.bernoulli(p[:, None].expand(-1, self.n), generator=self.gen)
-
-
-JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
-                  "Response A:\n{a}\n\nResponse B:\n{b}\n\nAnswer with a single letter, A or B.")
-
-
-class JudgeAnnotator:
-    """A causal LM as a judge. Its probability that a is better comes from its next-token
-    logits for the two labels, asked with a shown first and again with b first, averaged:
-    an LLM judge's position bias cancels."""
-    n, interactive = 1, False
-
-    def __init__(self, model, tokenizer, batch_size, max_tokens):
-        self.model, self.tokenizer, self.batch_size, self.max_tokens = model, tokenizer, batch_size, max_tokens
-        self.labels = [label_ids(tokenizer, letter) for letter in "AB"]
-        if set(self.labels[0]) & set(self.labels[1]):
-            raise ValueError("its tokenizer cannot tell the labels 'A' and 'B' apart")
-
-    @torch.no_grad()
-    def p_first(self, prompts, first, second):
-        """P(label A) when `first` is shown as response A, batched."""
-        ids = [encode_prompt(self.tokenizer, JUDGE_QUESTION.format(prompt=q, a=x, b=y), self.max_tokens)
-               for q, x, y in zip(prompts, first, second)]
-        out = []
-        for i in range(0, len(ids), self.batch_size):
-            batch, attn = left_pad(ids[i:i + self.batch_size], self.tokenizer.pad_token_id, self.model.device)
-            logits = self.model(input_ids=batch, attention_mask=attn, logits_to_keep=1,
-                                position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].float()
-            score_a, score_b = (torch.logsumexp(logits[:, lab], -1) for lab in self.labels)
-            out.append(torch.sigmoid(score_a - score_b).cpu())
-        return torch.cat(out)
-
-    def compare(self, prompts, texts_a, texts_b):
-        both = (self.p_first(prompts, texts_a, texts_b) + 1 - self.p_first(prompts, texts_b, texts_a)) / 2
-        return both[:, None]
-
-
-def label_ids(tokenizer, letter):
-    """The token ids a model may use to answer `letter`: alone or after a space."""
-    return sorted({tokenizer(s, add_special_tokens=False)["input_ids"][-1] for s in (letter, " " + letter)})
-
-
-class RewardModelAnnotator:
-    """A scalar reward model (AutoModelForSequenceClassification, one logit) scores each
-    distinct (prompt, response) once; a pair gets p = sigma(r_a - r_b)."""
-    n, interactive = 1, False
-
-    def __init__(self, model, tokenizer, batch_size, max_tokens):
-        self.model, self.tokenizer, self.batch_size, self.max_tokens = model, tokenizer, batch_size, max_tokens
-
-    @torch.no_grad()
-    def scores(self, prompts, texts):
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            q, y = prompts[i:i + self.batch_size], texts[i:i + self.batch_size]
-            if self.tokenizer.chat_template:  # a chat RM scores the conversation
-                q = [self.tokenizer.apply_chat_template([{"role": "user", "content": a}, {"role": "assistant", "content": b}],
-                                                        tokenize=False) for a, b in zip(q, y)]
-                y = None
-            enc = self.tokenizer(q, y, padding=True, truncation=True, max_length=self.max_tokens,
-                                 return_tensors="pt").to(self.model.device)
-            out.append(self.model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(out)
-
-    def compare(self, prompts, texts_a, texts_b):
-        keys = sorted(set(zip(prompts, texts_a)) | set(zip(prompts, texts_b)))
-        score = dict(zip(keys, self.scores([k[0] for k in keys], [k[1] for k in keys]).tolist()))
-        r_a = torch.tensor([score[k] for k in zip(prompts, texts_a)])
-        r_b = torch.tensor([score[k] for k in zip(prompts, texts_b)])
-        return torch.sigmoid(r_a - r_b)[:, None]
-
-
-class HumanAnnotator:
-    """A person at the terminal: shown the prompt and both responses, answers a, b or skip."""
-    n, interactive = 1, True
-
-    def compare(self, prompts, texts_a, texts_b):
-        answers = []
-        for q, a, b in zip(prompts, texts_a, texts_b):
-            print(f"\n--- prompt ---\n{q}\n--- response a ---\n{a}\n--- response b ---\n{b}")
-            answer = ""
-            while answer not in ("a", "b", "skip"):
-                try:
-                    answer = input("Which is better? [a/b/skip] ").strip().lower()
-                except EOFError:
-                    fail("--annotators human: the input ended before every pair was answered")
-            answers.append({"a": 1.0, "b": 0.0, "skip": float("nan")}[answer])
-        return torch.tensor(answers)[:, None]
-
-
-class Panel:
-    """The annotators together. compare() stacks their answers into (P, N); with
-    evaluation=True, people are not asked (the held-out comparisons are many)."""
-
-    def __init__(self, annotators, seed):
-        self.annotators, self.gen = annotators, torch.Generator().manual_seed(seed)
-        for a in annotators:
-            if isinstance(a, SimulatedAnnotators):
-                a.gen = self.gen  # one seeded stream per phase, reseeded by the loop
-        self.n = sum(a.n for a in annotators)
-        self.simulated = any(isinstance(a, SimulatedAnnotators) for a in annotators)
-
-    def compare(self, prompts, texts_a, texts_b, evaluation=False):
-        answers = [a.compare(prompts, texts_a, texts_b) for a in self.annotators
-                   if not (evaluation and a.interactive)]
-        return torch.cat(answers, 1) if answers else torch.full((len(prompts), 0), float("nan"))
-
-    def reward(self, texts):
-        """The hidden reward, known only when the panel has simulated annotators."""
-        return hidden_rewards(texts) if self.simulated else None
-
-
-def build_panel(args, policy, tokenizer, device):
-    """Load every annotator of --annotators; one that cannot be loaded stops the run."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    annotators = []
-    for kind, arg in args.annotator_specs:
-        try:
-            if kind == "sim":
-                annotators.append(SimulatedAnnotators(arg, args.sharpness, None))
-            elif kind == "human":
-                annotators.append(HumanAnnotator())
-            elif kind == "self":
-                annotators.append(JudgeAnnotator(policy, tokenizer, args.sample_batch_size, args.max_prompt_tokens * 4))
-            else:
-                loader = AutoModelForCausalLM if kind == "judge" else AutoModelForSequenceClassification
-                judge_tokenizer = AutoTokenizer.from_pretrained(arg)
-                if judge_tokenizer.pad_token is None:
-                    judge_tokenizer.pad_token = judge_tokenizer.eos_token
-                if kind == "judge" and not judge_tokenizer.chat_template:
-                    judge_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
-                model = loader.from_pretrained(arg, dtype=model_dtype(device)).to(device).eval()
-                model.config.pad_token_id = judge_tokenizer.pad_token_id
-                cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
-                annotators.append(cls(model, judge_tokenizer, args.sample_batch_size, args.max_prompt_tokens * 4))
-        except (OSError, ValueError, ImportError) as e:
-            fail(f"--annotators {kind}{':' + arg if arg else ''}: cannot be loaded ({first_line(e)}); "
-                 "use a local folder, or --annotators sim")
-    return Panel(annotators, args.seed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Soft labels and ranking.
-# ---------------------------------------------------------------------------------------------
-
-def empirical_preference(votes_a, n_annotators, smoothing=0.5):
-    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing).
-
-    The paper's p_hat is the plain mean of the N votes; with few annotators it is often 0 or 1,
-    whose logit is infinite. Adding half a vote to each side (Haldane-Anscombe) keeps it finite
-    and makes the bias of logit(p_hat) O(1/N^2) instead of O(1/N)."""
-    return (votes_a + smoothing) / (n_annotators + 2 * smoothing)
-
-
-def preference_logit(p):
-    """logit p = log p - log(1 - p): the reward difference that Bradley-Terry assigns to p."""
-    return torch.log(p) - torch.log1p(-p)
-
-
-def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
-    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts.
-
-    Args:
-        wins: (..., K, K); wins[..., i, j] = votes for i over j (may be fractional).
-        prior: pseudo-votes added to every ordered pair, so an undefeated response gets a
-            finite score (the MLE alone would send it to infinity).
-    Returns:
-        (..., K) log-strengths, centred to mean 0. Fitted by Zermelo's (1929) fixed point,
-        the MM algorithm: gamma_i <- W_i / sum_j n_ij / (gamma_i + gamma_j).
-    """
-    k = wins.shape[-1]
-    off = 1.0 - torch.eye(k, dtype=torch.float64)
-    w = (wins.double() + prior) * off  # (..., K, K)
-    n = w + w.transpose(-1, -2)  # comparisons between i and j
-    total = w.sum(-1)  # W_i
-    gamma = torch.ones(wins.shape[:-1], dtype=torch.float64)
-    for _ in range(iters):
-        new = total / (n / (gamma[..., :, None] + gamma[..., None, :])).sum(-1)
-        new = new / torch.exp(torch.log(new).mean(-1, keepdim=True))  # fix the scale
-        done = (new - gamma).abs().max() < tol
-        gamma = new
-        if done:
-            break
-    return torch.log(gamma).float()
-
-
-# ---------------------------------------------------------------------------------------------
-# Losses: pure functions, per pair. logratio = log pi_theta(y|x) - log pi_ref(y|x), summed over
-# response tokens; h = beta * (logratio_a - logratio_b) is the implicit reward difference.
-# ---------------------------------------------------------------------------------------------
-
-def irepo_loss(logratio_a, logratio_b, target_logit, beta):
-    """iREPO: squared error between the implicit reward difference and logit p_hat(a > b).
-
-    Args: logratio_a, logratio_b, target_logit: (P,); beta > 0.
-    Returns: (P,) losses  (beta * [logratio_a - logratio_b] - logit p_hat)^2.
-    Its minimizer, with exact preferences, is pi_ref * exp(r / beta) / Z (see --theory)."""
-    return (beta * (logratio_a - logratio_b) - target_logit) ** 2
-
-
-def dpo_loss(logratio_a, logratio_b, target_logit, beta):
-    """DPO on the panel's majority vote: the winner is a if logit p_hat >= 0, else b.
-    Returns: (P,) losses  -log sigma(beta * [logratio_w - logratio_l])."""
-    sign = torch.where(target_logit >= 0, 1.0, -1.0)
-    return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
-
-
-def ipo_loss(logratio_a, logratio_b, target_logit, beta):
-    """IPO: the iREPO regression with a constant target 1/2 towards the majority winner,
-    i.e. IPO's (h - 1/(2 beta))^2 times beta^2, so that one learning rate serves all losses."""
-    sign = torch.where(target_logit >= 0, 1.0, -1.0)
-    return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
-
-
-LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
-
-
-# ---------------------------------------------------------------------------------------------
-# One iteration's steps 2-6, as functions the loop below calls in order.
-# ---------------------------------------------------------------------------------------------
-
-def annotate(panel, prompts, texts, k, smoothing):
-    """Step 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
-    them; the best-vs-worst pair and its soft label are kept. Answers that are nan (a person's
-    skip) count for neither side. Returns a list of dicts (one per prompt) with best, worst
-    (indices among the k), votes_a, n_annotators (the answers on that pair), p_hat, target."""
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    flat_p, flat_a, flat_b = [], [], []
-    for q, prompt in enumerate(prompts):
-        for i, j in pairs:
-            flat_p.append(prompt_text(prompt))
-            flat_a.append(texts[q * k + i])
-            flat_b.append(texts[q * k + j])
-    answers = panel.compare(flat_p, flat_a, flat_b)  # (prompts * pairs, N)
-    votes = answers.nan_to_num(0.0).sum(-1).view(len(prompts), len(pairs))  # for a
-    counts = (~answers.isnan()).sum(-1).float().view(len(prompts), len(pairs))
-    wins, n = torch.zeros(len(prompts), k, k), torch.zeros(len(prompts), k, k)
-    for m, (i, j) in enumerate(pairs):
-        wins[:, i, j], wins[:, j, i] = votes[:, m], counts[:, m] - votes[:, m]
-        n[:, i, j] = n[:, j, i] = counts[:, m]
-    scores = zermelo_scores(wins)  # (prompts, k)
-    best, worst = scores.argmax(-1), scores.argmin(-1)
-    rows = torch.arange(len(prompts))
-    votes_best, n_best = wins[rows, best, worst], n[rows, best, worst]
-    p_hat = empirical_preference(votes_best, n_best, smoothing)
-    target = preference_logit(p_hat)
-    return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
-                 n_annotators=int(n_best[q]), p_hat=float(p_hat[q]), target_logit=float(target[q]),
-                 scores=[round(float(s), 4) for s in scores[q]]) for q in range(len(prompts))]
-
-
-def train(model, pairs, ref_a, ref_b, args):
-    """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed.
-    With --lora-rank r > 0 only fresh adapters train, and are merged into the weights at the
-    end. Returns the mean loss and regression diagnostics of the last epoch, and tokens seen."""
-    if args.lora_rank:
-        params = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    else:
-        params = list(model.parameters())
-        model.requires_grad_(True)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
-    try:
-        return fit(model, params, pairs, ref_a, ref_b, args)
-    finally:
-        model.eval()
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-        merge_lora(model)
-        model.requires_grad_(False)
-
-
-def fit(model, params, pairs, ref_a, ref_b, args):
-    """The optimization itself: Adam over `params`, cosine schedule with linear warm-up,
-    gradient accumulation from micro-batches up to --batch-size pairs per step."""
-    loss_fn = LOSSES[args.loss]
-    pad = pairs["pad_id"]
-    n = len(pairs["prompt_ids"])
-    target = torch.as_tensor(pairs["target_logit"])
-    opt = torch.optim.Adam(params, lr=args.lr)
-    from transformers import get_cosine_schedule_with_warmup
-    steps = math.ceil(n / args.batch_size) * args.epochs
-    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
-    tokens = 0
-    with tqdm(total=steps, desc="train", leave=False) as bar:  # closed on errors too
-        for epoch in range(args.epochs):
-            h_all, loss_all = torch.zeros(n), torch.zeros(n)
-            order = torch.randperm(n)
-            for start in range(0, n, args.batch_size):
-                batch = order[start:start + args.batch_size]
-                for m in range(0, len(batch), args.micro_batch_size):
-                    idx = batch[m:m + args.micro_batch_size].tolist()
-                    # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
-                    prompt_ids = [pairs["prompt_ids"][i] for i in idx] * 2
-                    response_ids = [pairs["a_ids"][i] for i in idx] + [pairs["b_ids"][i] for i in idx]
-                    ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
-                    logps_a, logps_b = sequence_logprobs(model, ids, attn, resp).cpu().split(len(idx))
-                    logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
-                    losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
-                    if not torch.isfinite(losses).all():
-                        raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}")
-                    (losses.sum() / len(batch)).backward()
-                    h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
-                    loss_all[idx] = losses.detach()
-                    tokens += int(attn.sum())
-                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                if not torch.isfinite(norm):
-                    raise FloatingPointError(f"the gradient became non-finite in epoch {epoch + 1}")
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                bar.update()
-                bar.set_postfix(loss=f"{loss_all[batch].mean():.4f}")
-    return dict(loss=float(loss_all.mean()),
-                regression_mse=float(((h_all - target) ** 2).mean()),
-                sign_agreement=float((torch.sign(h_all) == torch.sign(target)).float().mean()),
-                reward_margin=float(h_all.mean())), tokens
-
-
-# ---------------------------------------------------------------------------------------------
-# Runs that stop. Every iteration's folder is written under a temporary name and renamed when
+# --- Runs that stop. Every iteration's folder is written under a temporary name and renamed when
 # complete, so a run killed at any point keeps its complete iterations; --resume continues
 # after the last one with the same random streams (each phase is seeded by its iteration).
-# ---------------------------------------------------------------------------------------------
-
-NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device", "annotator_specs"}
+NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device",
+                    "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
-
 
 def phase_seed(seed, iteration, phase):
     """Every phase of every iteration gets its own seed, so that its randomness depends neither
     on the phases before it nor on where a resumed run started (nor on Python's salted hash)."""
     return (seed * 1_000_003 + iteration * 101 + PHASES[phase]) % 2**31
-
-
-def seed_phase(seed, iteration, phase):
-    torch.manual_seed(phase_seed(seed, iteration, phase))
-
 
 def write_atomic(path, text):
     """Write a file under a temporary name, then rename it: readers see all of it or none."""
@@ -1059,7 +1125,6 @@ def write_atomic(path, text):
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
 
-
 def complete_iterations(out):
     """k such that iteration_1 .. iteration_k are all complete (renamed into place)."""
     k = 0
@@ -1067,14 +1132,8 @@ def complete_iterations(out):
         k += 1
     return k
 
-
-def remove(path):
-    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
 def run_settings(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS}
-
 
 def check_out(args):
     """Check that --out can be written and does not mix two runs; change nothing in it yet.
@@ -1093,9 +1152,9 @@ def check_out(args):
              "iterations); add --resume to continue it or --overwrite to start again")
     if ours and args.resume:
         if not os.path.isfile(config_path):
-            fail(f"--resume: {args.out} has no config.json, so its settings are unknown; use --overwrite")
-        with open(config_path) as f:
-            saved = json.load(f)
+            fail(f"--resume: {args.out} has no config.json, so its settings are unknown; "
+                 "use --overwrite")
+        saved = read_json(config_path)
         diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (now {settings.get(k)})"
                  for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
         if diffs:
@@ -1103,25 +1162,27 @@ def check_out(args):
                  "rerun with the same flags, or use --overwrite")
     return complete_iterations(args.out) if args.resume else 0
 
-
 def claim_out(args):
     """Once the models are loaded: clear what --overwrite replaces and what a killed run left
     half-written, and record the run's settings."""
     for entry in os.listdir(args.out):
-        if (args.overwrite and (entry in RUN_FILES or entry.startswith("iteration_"))) or entry.endswith(".tmp"):
-            remove(os.path.join(args.out, entry))  # a .tmp is an iteration cut short
-    write_atomic(os.path.join(args.out, "config.json"), json.dumps(run_settings(args), indent=1) + "\n")
-
+        ours = entry in RUN_FILES or entry.startswith("iteration_")
+        if (args.overwrite and ours) or entry.endswith(".tmp"):
+            path = os.path.join(args.out, entry)  # a .tmp is an iteration cut short
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    write_atomic(os.path.join(args.out, "config.json"),
+                 json.dumps(run_settings(args), indent=1) + "\n")
 
 def save_eval(path, responses, logps):
     write_atomic(path, json.dumps({"responses": responses, "logps": logps.tolist()}))
 
-
 def load_eval(path):
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_json(path)
     return saved["responses"], torch.tensor(saved["logps"])
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 def save_iteration(out, t, model, tokenizer, rows, current, current_logps, metrics):
     """iteration_t/: the model, tokenizer, pairs, held-out samples and metrics, renamed into
@@ -1137,232 +1198,144 @@ def save_iteration(out, t, model, tokenizer, rows, current, current_logps, metri
         save_eval(os.path.join(tmp, "eval.json"), current, current_logps)
         write_atomic(os.path.join(tmp, "metrics.json"), json.dumps(metrics) + "\n")
         os.replace(tmp, final)
-        lines = []
-        for k in range(1, complete_iterations(out) + 1):
-            with open(os.path.join(out, f"iteration_{k}", "metrics.json")) as f:
-                lines.append(f.read())
-        write_atomic(os.path.join(out, "metrics.jsonl"), "".join(lines))
+        write_atomic(os.path.join(out, "metrics.jsonl"),
+                     "".join(json.dumps(m) + "\n" for m in read_metrics(out)))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"writing {final} failed ({e.strerror}); the {t - 1} complete iterations before it are "
-             "intact; free some space, then rerun with --resume")
+        fail(f"writing {final} failed ({e.strerror}); the {t - 1} complete iterations before it "
+             "are intact; free some space, then rerun with --resume")
 
+def read_metrics(out):
+    """The metrics rows of every complete iteration in `out`, in order."""
+    return [read_json(os.path.join(out, f"iteration_{k}", "metrics.json"))
+            for k in range(1, complete_iterations(out) + 1)]
 
-# ---------------------------------------------------------------------------------------------
-# The iteration loop.
-# ---------------------------------------------------------------------------------------------
-
-def decode(tokenizer, responses):
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-
-
-def degenerate(text_a, text_b):
-    """Nothing can be learned from identical responses, or from empty ones (including responses
-    truncated to nothing)."""
-    return text_a == text_b or not text_a.strip() or not text_b.strip()
-
-
-def sampled_pairs(model, tokenizer, panel, chunk, t, args):
-    """Steps 1-4: K samples per prompt from pi_t, the panel's votes, Zermelo ranking, best vs
-    worst, soft label. Returns the training rows, the count of skipped pairs, and timings."""
-    # 1. Sample K responses per prompt from pi_t.
-    seed_phase(args.seed, t, "sample")
-    tic = time.time()
-    prompt_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in chunk]
-    responses = sample(model, tokenizer, prompt_ids, args.num_responses, args, f"iter {t + 1} sample")
-    texts = decode(tokenizer, responses)
-    seconds_sample = time.time() - tic
-
-    # 2-4. The panel votes on every pair; Zermelo ranking; best vs worst; soft label.
-    tic = time.time()
-    panel.gen.manual_seed(phase_seed(args.seed, t, "annotate"))
-    k = args.num_responses
-    rows, skipped = [], 0
-    for q, lab in enumerate(annotate(panel, chunk, texts, k, args.smoothing)):
-        a, b = q * k + lab["best"], q * k + lab["worst"]
-        if degenerate(texts[a], texts[b]) or lab["n_annotators"] == 0:
-            skipped += 1  # nothing to learn: equal or empty responses, or no answer at all
-            continue
-        rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **lab,
-                         prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
-    eos = tokenizer.eos_token_id
-    stats = dict(response_tokens_mean=sum(map(len, responses)) / len(responses),
-                 eos_rate=sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
-                 seconds_sample=seconds_sample, seconds_annotate=time.time() - tic,
-                 sample_tokens_per_s=sum(map(len, responses)) / seconds_sample)
-    return rows, skipped, stats
-
-
-def given_pairs(tokenizer, chunk, max_tokens):
-    """Steps 1-4 replaced by --pairs: tokenize the given pairs (unless they carry token ids)."""
-    rows, skipped, eos = [], 0, tokenizer.eos_token_id
-    for row in chunk:
-        row = dict(row)
-        where = row.pop("where")
-        if degenerate(row["response_a"], row["response_b"]):
-            skipped += 1
-            continue
-        if not row.get("prompt_ids"):
-            row["prompt_ids"] = encode_prompt(tokenizer, row["prompt"], max_tokens)
-        for side in "ab":
-            if not row.get(f"{side}_ids"):
-                text = row[f"response_{side}"]
-                row[f"{side}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-        if max(row["prompt_ids"] + row["a_ids"] + row["b_ids"]) >= len(tokenizer):
-            fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
-        rows.append(row)
-    lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"]
-    return rows, skipped, dict(response_tokens_mean=sum(lengths) / max(1, len(lengths)), eos_rate=None,
-                               seconds_sample=0.0, seconds_annotate=0.0, sample_tokens_per_s=None)
-
-
-def run(args):
-    """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
-    # Everything that can be wrong with the input is checked before anything expensive.
+def start_run(args):
+    """Everything the loop needs, after checking every input before anything expensive: the
+    prompt chunks (or given pairs), pi_t (pi_0, or the last complete iteration on --resume),
+    the panel, and pi_0's held-out samples. Returns a namespace; its `start` is the first
+    iteration to run (args.iterations when a resumed run is already complete)."""
     device = pick_device(args.device)
     prompts = (read_prompts(args.prompts) if args.prompts
                else tiny_prompts() if args.model == "tiny" else instruction_prompts())
     held_out, chunks = split_prompts(prompts, args)
-    given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations) if args.pairs else None
+    given = (split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
+             if args.pairs else None)
     start = check_out(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
                                 if k not in ("annotator_specs", "warmup")))
     print(f"device: {device}, {len(held_out)} held-out prompts, {len(chunks)} chunks of "
           f"{len(given[0]) if given else len(chunks[0])} {'given pairs' if given else 'prompts'}"
           + (f"; resuming after iteration {start}" if start else ""))
-    history = []
-    for t in range(1, start + 1):
-        with open(os.path.join(args.out, f"iteration_{t}", "metrics.json")) as f:
-            history.append(json.load(f))
+    r = SimpleNamespace(start=start, out=args.out, history=read_metrics(args.out)[:start], ev=None)
     if start == args.iterations:
         print(f"all {start} iterations are complete in {args.out}/")
-        return history
+        return r
 
     first = args.warmup if args.model == "tiny" else args.model
-    model, tokenizer = load_policy(args, device, os.path.join(args.out, f"iteration_{start}") if start else first)
-    pad = tokenizer.pad_token_id
+    folder = os.path.join(args.out, f"iteration_{start}") if start else first
+    model, tokenizer = load_policy(args, device, folder)
     panel = build_panel(args, model, tokenizer, device)
     claim_out(args)
 
     # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
     # comparison (and saved, so that a resumed run compares against the very same samples).
     repeated = [p for p in held_out for _ in range(args.eval_samples)]
-    eval_prompts = [prompt_text(p) for p in repeated]
-    eval_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in repeated]
+    ev = SimpleNamespace(prompts=[prompt_text(p) for p in repeated], ids=[
+        encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in repeated])
     initial_path = os.path.join(args.out, "initial_eval.json")
     if start:
-        initial, initial_logps = load_eval(initial_path)
-        previous, previous_logps = load_eval(os.path.join(args.out, f"iteration_{start}", "eval.json"))
+        ev.initial, ev.initial_logps = load_eval(initial_path)
+        ev.previous, ev.previous_logps = load_eval(
+            os.path.join(args.out, f"iteration_{start}", "eval.json"))
     else:
-        seed_phase(args.seed, 0, "eval")
-        initial = sample(model, tokenizer, eval_ids, 1, args, "sample pi_0")
-        initial_logps = batched_logprobs(model, eval_ids, initial, pad, args.sample_batch_size)
-        save_eval(initial_path, initial, initial_logps)
-        previous, previous_logps = initial, initial_logps  # samples of pi_t and their log pi_t
-    initial_texts = decode(tokenizer, initial)
-    if panel.simulated:
-        print(f"pi_0: true reward {panel.reward(initial_texts).mean():.3f} on held-out prompts")
+        torch.manual_seed(phase_seed(args.seed, 0, "eval"))
+        ev.initial = sample(model, tokenizer, ev.ids, 1, args, "sample pi_0")
+        ev.initial_logps = batched_logprobs(model, ev.ids, ev.initial, tokenizer.pad_token_id,
+                                            args.sample_batch_size)
+        save_eval(initial_path, ev.initial, ev.initial_logps)
+        ev.previous, ev.previous_logps = ev.initial, ev.initial_logps  # pi_t's, log pi_t
+    ev.initial_texts = decode(tokenizer, ev.initial)
+    reward = panel.reward(ev.initial_texts)
+    if reward is not None:
+        print(f"pi_0: true reward {reward.mean():.3f} on held-out prompts")
+    r.__dict__.update(device=device, model=model, tokenizer=tokenizer, pad=tokenizer.pad_token_id,
+                      panel=panel, chunks=chunks, given=given, ev=ev)
+    return r
 
-    for t in range(start, args.iterations):
-        # 1-4. Sample, annotate, rank, label (or take the given pairs).
-        if given:
-            rows, skipped, stats = given_pairs(tokenizer, given[t], args.max_prompt_tokens)
-        else:
-            rows, skipped, stats = sampled_pairs(model, tokenizer, panel, chunks[t], t, args)
-        if not rows:
-            fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
-                 "try a higher --temperature or more --num-responses")
-        target = torch.tensor([r["target_logit"] for r in rows])
-        if not torch.isfinite(target).all():
-            fail(f"iteration {t + 1}: a target logit is not finite; --smoothing must be > 0")
+def finish_iteration(r, t, rows, metrics):
+    """Save iteration t + 1 (atomically), record its metrics and print its one line."""
+    save_iteration(r.out, t + 1, r.model, r.tokenizer, rows, r.ev.previous,
+                   r.ev.previous_logps, metrics)
+    r.history.append(metrics)
+    m = metrics
+    print(f"iter {t + 1} | loss {m['loss']:.4f} | mse {m['regression_mse']:.4f} "
+          f"| sign {m['sign_agreement']:.2f} | win {m['win_rate_vs_initial']:.3f} "
+          + (f"| reward {m['true_reward']:+.3f} " if m["true_reward"] is not None else "")
+          + f"| kl_ref {m['kl_to_reference']:.3f} "
+          f"| len {m['response_tokens_mean']:.1f} | sample {m['seconds_sample']:.1f}s "
+          f"annotate {m['seconds_annotate']:.1f}s train {m['seconds_train']:.1f}s "
+          f"({m['train_tokens_per_s']:.0f} tok/s)")
 
-        # 5. log pi_t of both responses, once, without gradients: pi_t is the reference, and
-        #    these cached numbers are the only trace of it (no second model in memory).
-        tic = time.time()
-        prompt_ids = [r["prompt_ids"] for r in rows]
-        a_ids, b_ids = [r["a_ids"] for r in rows], [r["b_ids"] for r in rows]
-        ref_a = batched_logprobs(model, prompt_ids, a_ids, pad, args.micro_batch_size)
-        ref_b = batched_logprobs(model, prompt_ids, b_ids, pad, args.micro_batch_size)
-        for row, la, lb in zip(rows, ref_a.tolist(), ref_b.tolist()):
-            row.update(logp_ref_a=la, logp_ref_b=lb)  # saved, so anyone can check them
-
-        # 6. Minimize the loss over the pairs (the model becomes pi_{t+1}).
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seed_phase(args.seed, t, "train")
-        try:
-            fit, tokens = train(model, dict(pad_id=pad, prompt_ids=prompt_ids, a_ids=a_ids, b_ids=b_ids,
-                                            target_logit=target), ref_a, ref_b, args)
-        except FloatingPointError as e:
-            fail(f"iteration {t + 1}: {e}; try a lower --lr ({t} complete iterations are kept in {args.out}/)")
-        seconds_train = time.time() - tic
-
-        # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
-        tic = time.time()
-        seed_phase(args.seed, t, "eval")
-        panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
-        current = sample(model, tokenizer, eval_ids, 1, args, f"iter {t + 1} eval")
-        current_texts = decode(tokenizer, current)
-        win_rate = panel.compare(eval_prompts, current_texts, initial_texts, evaluation=True).nanmean()
-        # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
-        # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
-        logps = lambda responses: batched_logprobs(model, eval_ids, responses, pad, args.sample_batch_size)
-        kl_ref = (previous_logps - logps(previous)).mean()
-        kl_init = (initial_logps - logps(initial)).mean()
-        previous, previous_logps = current, logps(current)
-        seconds_eval = time.time() - tic
-
-        metrics = dict(
-            iteration=t + 1, loss_type=args.loss, **fit,
-            win_rate_vs_initial=float(win_rate),
-            true_reward=float(panel.reward(current_texts).mean()) if panel.simulated else None,
-            kl_to_reference=float(kl_ref), kl_to_initial=float(kl_init),
-            target_logit_mean=float(target.mean()), pairs=len(rows), skipped_pairs=skipped,
-            **stats, seconds_train=seconds_train, seconds_eval=seconds_eval,
-            train_tokens_per_s=tokens / seconds_train, peak_memory_mb=peak_memory_mb(device),
-        )
-        save_iteration(args.out, t + 1, model, tokenizer, rows, current, previous_logps, metrics)
-        history.append(metrics)
-        print(f"iter {t + 1} | loss {fit['loss']:.4f} | mse {fit['regression_mse']:.4f} "
-              f"| sign {fit['sign_agreement']:.2f} | win {metrics['win_rate_vs_initial']:.3f} "
-              + (f"| reward {metrics['true_reward']:+.3f} " if panel.simulated else "")
-              + f"| kl_ref {metrics['kl_to_reference']:.3f} "
-              f"| len {metrics['response_tokens_mean']:.1f} | sample {stats['seconds_sample']:.1f}s "
-              f"annotate {stats['seconds_annotate']:.1f}s train {seconds_train:.1f}s "
-              f"({metrics['train_tokens_per_s']:.0f} tok/s)")
-    for prompt, before, after in list(zip(eval_prompts, initial_texts, current_texts))[::args.eval_samples][:3]:
+def show_samples(r, args):
+    """Three held-out prompts with the responses of pi_0 and of the last policy."""
+    shown = list(zip(r.ev.prompts, r.ev.initial_texts, r.ev.texts))[::args.eval_samples][:3]
+    for prompt, before, after in shown:
         print(f"  {prompt!r}\n    pi_0: {before}\n    pi_{args.iterations}: {after}")
-    return history
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.theory:
+        return theory_report()
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # our own bars are enough
+    sys.stdout.reconfigure(line_buffering=True)  # metrics lines appear in order with the bars
+    tic = time.time()
+    if args.compare:
+        return compare_losses(args)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # handled like Ctrl-C
+    try:
+        history = run(args)
+    except KeyboardInterrupt:
+        argv = [a for a in (sys.argv[1:] if argv is None else argv)
+                if a not in ("--overwrite", "--resume")]
+        print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations are "
+              f"kept in {args.out}/. Resume with: python irepo.py "
+              f"{shlex.join(argv + ['--resume'])}", file=sys.stderr)
+        sys.exit(130)
+    last = history[-1]
+    rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history
+                          if m["true_reward"] is not None)
+    print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
+          + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
 
 
-# ---------------------------------------------------------------------------------------------
-# The theory, checked numerically (python irepo.py --theory). A tabular world where everything
+# =============================================================================================
+# PART III. THE THEORY, CHECKED NUMERICALLY, AND THE LOSSES COMPARED.
+# =============================================================================================
+
+# --- The theory, checked numerically (python irepo.py --theory). A tabular world where everything
 # is exact: X prompts, Y responses each, a reference pi_ref, true rewards r, Bradley-Terry
 # preferences P(i > j) = sigma(r_i - r_j), and a policy that is a table of logits. It runs
 # through the same irepo_loss, empirical_preference, preference_logit and zermelo_scores.
-# ---------------------------------------------------------------------------------------------
-
 def tabular_world(seed, prompts=4, responses=6):
     """log pi_ref (X, Y) and true rewards r (X, Y), float64, drawn from a seeded normal."""
     g = torch.Generator().manual_seed(seed)
-    log_ref = torch.log_softmax(torch.randn(prompts, responses, generator=g, dtype=torch.float64), -1)
-    return log_ref, torch.randn(prompts, responses, generator=g, dtype=torch.float64)
-
+    draw = lambda: torch.randn(prompts, responses, generator=g, dtype=torch.float64)
+    return torch.log_softmax(draw(), -1), draw()
 
 def optimal_policy(log_ref, r, beta):
-    """log pi* = log pi_ref + r / beta - log Z: the maximizer of E_pi[r] - beta KL(pi || pi_ref)."""
+    """log pi* = log pi_ref + r/beta - log Z: the maximizer of E_pi[r] - beta KL(pi || pi_ref)."""
     return torch.log_softmax(log_ref + r / beta, -1)
-
 
 def objective(log_pi, log_ref, r, beta):
     """J(pi) = E_pi[r] - beta KL(pi || pi_ref), per prompt."""
-    pi = log_pi.exp()
-    return (pi * r).sum(-1) - beta * (pi * (log_pi - log_ref)).sum(-1)
-
+    return (log_pi.exp() * (r - beta * (log_pi - log_ref))).sum(-1)
 
 def kl(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(-1)
-
 
 def pair_weights(scheme, log_pi, r, k=4):
     """Probability of each pair (i < j) of a prompt under a pair-sampling scheme, (X, pairs):
@@ -1381,14 +1354,12 @@ def pair_weights(scheme, log_pi, r, k=4):
     w = torch.zeros(X, len(I), dtype=r.dtype)
     for x in range(X):
         q = pi[x][rank[x].argsort()]  # probabilities in rank order, worst first
-        mass = lambda lo, hi: q[lo:hi + 1].sum() if hi >= lo else q.new_zeros(())
+        mass = lambda lo, hi: q[lo:hi + 1].sum() ** k if hi >= lo else 0.0
         for m, (i, j) in enumerate(zip(I.tolist(), J.tolist())):
             lo, hi = sorted((int(rank[x, i]), int(rank[x, j])))
             # P(min rank = lo and max rank = hi) over k draws, by inclusion-exclusion.
-            w[x, m] = (mass(lo, hi) ** k - mass(lo + 1, hi) ** k - mass(lo, hi - 1) ** k
-                       + mass(lo + 1, hi - 1) ** k)
+            w[x, m] = mass(lo, hi) - mass(lo + 1, hi) - mass(lo, hi - 1) + mass(lo + 1, hi - 1)
     return w
-
 
 def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
     """Minimize the expected iREPO loss sum_pairs w * irepo_loss over a table of logits,
@@ -1398,67 +1369,61 @@ def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
     I, J = torch.triu_indices(Y, Y, 1)
     theta = log_ref.clone().requires_grad_(True)
     for _ in range(rounds):
-        w = weights_fn(torch.log_softmax(theta, -1).detach()) if weights_fn else torch.ones_like(targets)
+        w = weights_fn(torch.log_softmax(theta, -1).detach()) if weights_fn else 1.0
         opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12,
-                                tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
+                                tolerance_change=1e-16, history_size=50,
+                                line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()
             logratio = torch.log_softmax(theta, -1) - log_ref  # (X, Y)
-            loss = (w * irepo_loss(logratio[:, I], logratio[:, J], targets, beta)).sum() / w.sum()
+            losses = w * irepo_loss(logratio[:, I], logratio[:, J], targets, beta)
+            loss = losses.sum() / (w.sum() if weights_fn else losses.numel())
             loss.backward()
             return loss
         opt.step(closure)
     return torch.log_softmax(theta, -1).detach()
 
-
 def exact_targets(r):
-    Y = r.shape[-1]
-    I, J = torch.triu_indices(Y, Y, 1)
+    I, J = torch.triu_indices(r.shape[-1], r.shape[-1], 1)
     return preference_logit(torch.sigmoid(r[:, I] - r[:, J]))
 
-
-def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst"), seed=0):
-    """Claim 1: with exact preferences the minimizer is pi*. Returns {(beta, scheme): max error}."""
-    log_ref, r = tabular_world(seed)
+def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst")):
+    """Claim 1: with exact preferences the minimizer is pi*. Returns {(beta, scheme): error}."""
+    log_ref, r = tabular_world(0)
     out = {}
     for beta in betas:
         for scheme in schemes:
-            log_pi = fit_tabular(log_ref, exact_targets(r), beta, lambda lp: pair_weights(scheme, lp, r))
+            weights = lambda log_pi: pair_weights(scheme, log_pi, r)
+            log_pi = fit_tabular(log_ref, exact_targets(r), beta, weights)
             out[beta, scheme] = float((log_pi - optimal_policy(log_ref, r, beta)).abs().max())
     return out
-
 
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
     """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), the suboptimality
     J(pi*) - J(pi_N) = beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean gap, stderr,
     mean of J(pi*) - J(pi_N) computed directly)} over the seeds, one world per seed."""
-    rows = {n: [] for n in ns}
+    gaps, direct = {n: [] for n in ns}, {n: [] for n in ns}
     for seed in range(seeds):
         log_ref, r = tabular_world(1000 + seed)
-        Y = r.shape[-1]
-        I, J = torch.triu_indices(Y, Y, 1)
-        p = torch.sigmoid(r[:, I] - r[:, J])
+        p = torch.sigmoid(exact_targets(r))
         g = torch.Generator().manual_seed(seed)
         star = optimal_policy(log_ref, r, beta)
         for n in ns:
             votes = torch.binomial(torch.full_like(p, float(n)), p, generator=g)
             targets = preference_logit(empirical_preference(votes, n, smoothing))
             log_pi = fit_tabular(log_ref, targets, beta, rounds=1)
-            gap = float((beta * kl(log_pi, star)).mean())
-            direct = float((objective(star, log_ref, r, beta) - objective(log_pi, log_ref, r, beta)).mean())
-            rows[n].append((gap, direct))
-    out = {}
-    for n, vals in rows.items():
-        gaps = torch.tensor([v[0] for v in vals])
-        out[n] = (float(gaps.mean()), float(gaps.std() / len(gaps) ** 0.5), sum(v[1] for v in vals) / len(vals))
-    return out
+            gaps[n].append(float((beta * kl(log_pi, star)).mean()))
+            j_star, j_pi = (objective(x, log_ref, r, beta) for x in (star, log_pi))
+            direct[n].append(float((j_star - j_pi).mean()))
+    return {n: (float(torch.tensor(gaps[n]).mean()), float(torch.tensor(gaps[n]).std()
+                                                           / seeds ** 0.5),
+                sum(direct[n]) / seeds) for n in ns}
 
-
-def theory_iterations(ts=(1, 2, 3), beta=1.0, seed=0):
+def theory_iterations(ts=(1, 2, 3), beta=1.0):
     """Claim 3: T exact iterations with reference pi_t reach pi_0 exp(T r / beta) / Z.
     Returns {T: max |log pi_T - log pi*_{beta/T}|}."""
-    log_ref, r = tabular_world(seed)
+    log_ref, r = tabular_world(0)
     out, log_pi = {}, log_ref
     for t in range(1, max(ts) + 1):
         log_pi = fit_tabular(log_pi, exact_targets(r), beta)  # pi_t is the next reference
@@ -1466,14 +1431,13 @@ def theory_iterations(ts=(1, 2, 3), beta=1.0, seed=0):
             out[t] = float((log_pi - optimal_policy(log_ref, r, beta / t)).abs().max())
     return out
 
-
-def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8, seed=0):
+def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
     """Claim 4: one vote per pair. Each of `prompts` prompts has 4 responses and one labelled
     pair (0, 1) with a single Bradley-Terry vote. Plain gradient descent on DPO and on iREPO
     (target logit((1 + 0.5) / 2) for the winner) from pi_ref. Returns rows (step, DPO gap,
     iREPO gap, DPO's mean pi(y_l)), the gap being the mean log-ratio difference winner - loser."""
-    log_ref, r = tabular_world(seed, prompts=prompts, responses=4)
-    g = torch.Generator().manual_seed(seed)
+    log_ref, r = tabular_world(0, prompts=prompts, responses=4)
+    g = torch.Generator().manual_seed(0)
     a_wins = torch.bernoulli(torch.sigmoid(r[:, 0] - r[:, 1]), generator=g)  # the single vote
     target = preference_logit(empirical_preference(a_wins, 1, 0.5))  # +-log 3
     sign = torch.where(target >= 0, 1.0, -1.0).double()
@@ -1494,20 +1458,19 @@ def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8, seed
             rows.append((step, gaps["dpo"], gaps["irepo"], float(loser)))
     return rows
 
-
 def theory_report():
     """Print one table per claim. Returns nothing; the tests assert the same functions."""
     tic = time.time()
-    print("Claim 1. Exact preferences: the minimizer of the iREPO loss is pi* = pi_ref exp(r/beta)/Z")
-    print("  max |log pi - log pi*| over 4 prompts x 6 responses")
+    print("Claim 1. Exact preferences: the minimizer of the iREPO loss is "
+          "pi* = pi_ref exp(r/beta)/Z\n  max |log pi - log pi*| over 4 prompts x 6 responses")
     opt = theory_optimality()
     schemes = ("uniform", "on-policy", "best-worst")
     print(f"  {'beta':>6} " + " ".join(f"{s:>12}" for s in schemes))
     for beta in sorted({b for b, _ in opt}):
         print(f"  {beta:>6} " + " ".join(f"{opt[beta, s]:>12.1e}" for s in schemes))
 
-    print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)")
-    print("  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds")
+    print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
+          "\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds")
     ann = theory_annotators()
     print(f"  {'N':>5} {'beta*KL':>10} {'+-stderr':>10} {'J*-J direct':>12}")
     for n, (gap, se, direct) in ann.items():
@@ -1523,12 +1486,11 @@ def theory_report():
     for t, err in theory_iterations().items():
         print(f"  {t:>3} {err:>36.1e}")
 
-    print("\nClaim 4. One vote per pair: log-ratio gap (winner - loser) under gradient descent, beta = 0.1")
-    print(f"  {'step':>6} {'DPO gap':>10} {'iREPO gap':>10} {'DPO pi(y_l)':>12}")
+    print("\nClaim 4. One vote per pair: log-ratio gap (winner - loser) under gradient descent, "
+          f"beta = 0.1\n  {'step':>6} {'DPO gap':>10} {'iREPO gap':>10} {'DPO pi(y_l)':>12}")
     for step, dpo, ire, loser in theory_hard_labels():
         print(f"  {step:>6} {dpo:>10.3f} {ire:>10.3f} {loser:>12.2e}")
     print(f"\n(theory checks took {time.time() - tic:.1f}s)")
-
 
 def compare_losses(args, seeds=3):
     """Claim 5: the three losses on the tiny LM with the same seeds, panel and budget.
@@ -1536,7 +1498,7 @@ def compare_losses(args, seeds=3):
     finals = {}
     for loss in LOSSES:
         for s in range(seeds):
-            sub = argparse.Namespace(**vars(args))
+            sub = SimpleNamespace(**vars(args))
             sub.loss, sub.seed, sub.overwrite, sub.resume = loss, args.seed + s, True, False
             sub.out = os.path.join(args.out, "compare", f"{loss}_seed{sub.seed}")
             print(f"\n=== --loss {loss} --seed {sub.seed} ===")
@@ -1553,36 +1515,6 @@ def compare_losses(args, seeds=3):
         print(f"{loss:<6}" + "".join(f"{c:>24}" for c in cells))
     return finals
 
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    if args.theory:
-        return theory_report()
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # our own bars are enough
-    sys.stdout.reconfigure(line_buffering=True)  # metrics lines appear in order with the bars
-    tic = time.time()
-    if args.compare:
-        return compare_losses(args)
-    signal.signal(signal.SIGTERM, interrupt)  # a scheduler's SIGTERM is handled like Ctrl-C
-    try:
-        history = run(args)
-    except KeyboardInterrupt:
-        argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--overwrite", "--resume")]
-        print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations are kept "
-              f"in {args.out}/. Resume with: python irepo.py {shlex.join(argv + ['--resume'])}",
-              file=sys.stderr)
-        sys.exit(130)
-    last = history[-1]
-    rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history if m["true_reward"] is not None)
-    print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
-          + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
 
 
 if __name__ == "__main__":
