@@ -44,6 +44,7 @@ Deliberate deviations from the paper (the README explains each):
      README lists each choice and why.
 """
 
+import errno
 import json
 import math
 import os
@@ -627,10 +628,27 @@ def parse_args(argv=None):
         fail("--lora-targets: name at least one layer, or use --lora-rank 0")
     if args.resume and args.overwrite:
         fail("--resume and --overwrite: choose one")
+    if args.model != "tiny":
+        check_model(f"--model {args.model}", args.model)
     args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
     args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
     args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
     return args
+
+def is_path(name):
+    """A model name that can only be a local folder (a hub id is 'name' or 'org/name')."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+def check_model(label, name):
+    """Before any work: a model given as a path must exist."""
+    if is_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        fail(f"{label}: no such folder")
+
+def load_error(label, name, error, hint):
+    """One line for a model that cannot be loaded, saying why by what its name looks like."""
+    why = ("not a model folder" if is_path(name) or os.path.isdir(name)
+           else "cannot be downloaded: no network, or no such model")
+    fail(f"{label}: cannot be loaded ({why}; {first_line(error)}); {hint}")
 
 def pick_device(name=None):
     """Device and dtype are chosen here and in model_dtype, nowhere else."""
@@ -833,8 +851,7 @@ def load_policy(args, device, folder):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device),
                                                      attn_implementation="sdpa").to(device)
     except (OSError, ValueError, ImportError) as e:
-        fail(f"--model {args.model}: cannot be loaded from {folder} ({first_line(e)}); "
-             "use --model tiny or a local folder")
+        load_error(f"--model {args.model}", folder, e, "use --model tiny or a local folder")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
     if not tokenizer.chat_template:
@@ -922,6 +939,7 @@ def parse_annotators(spec, n_sim):
         if kind == "sim" and (not arg or (arg.isdigit() and int(arg) >= 1)):
             kinds.append(("sim", int(arg) if arg else n_sim))
         elif kind in ("judge", "rm") and arg:
+            check_model(f"--annotators {kind}:{arg}", arg)
             kinds.append((kind, arg))
         elif kind in ("self", "human") and not arg:
             kinds.append((kind, None))
@@ -1037,8 +1055,8 @@ def build_panel(args, policy, tokenizer, device):
                                   else HumanAnnotator() if kind == "human"
                                   else JudgeAnnotator(policy, tokenizer, *sizes))
         except (OSError, ValueError, ImportError) as e:
-            fail(f"--annotators {kind}{':' + arg if arg else ''}: cannot be loaded "
-                 f"({first_line(e)}); use a local folder, or --annotators sim")
+            load_error(f"--annotators {kind}{':' + arg if arg else ''}", arg or "", e,
+                       "use a local folder, or --annotators sim")
     return Panel(annotators, gen)
 
 # --- The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
@@ -1202,8 +1220,10 @@ def save_iteration(out, t, model, tokenizer, rows, current, current_logps, metri
                      "".join(json.dumps(m) + "\n" for m in read_metrics(out)))
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"writing {final} failed ({e.strerror}); the {t - 1} complete iterations before it "
-             "are intact; free some space, then rerun with --resume")
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        fail(f"writing {final} failed ({e.strerror or e}); the {t - 1} complete iterations "
+             f"before it are intact; {'free some space' if full else 'fix that'}, then rerun "
+             "with --resume")
 
 def read_metrics(out):
     """The metrics rows of every complete iteration in `out`, in order."""

@@ -606,7 +606,7 @@ def test_bad_inputs_stop_before_work(tmp_path):
     blocker.write_text("")
     assert_one_line_error(cli("--out", str(blocker / "out")), f"--out {blocker / 'out'}: cannot be written")
     assert_one_line_error(cli("--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")),
-                          f"--model {tmp_path / 'no-such-model'}: cannot be loaded")
+                          f"--model {tmp_path / 'no-such-model'}: no such folder")
     assert_one_line_error(cli("--eval-prompts", "1000", "--out", str(tmp_path / "o2")),
                           "--eval-prompts 1000: only 640 prompts exist")
     assert not (tmp_path / "o2").exists()
@@ -645,6 +645,25 @@ def test_full_disk_keeps_the_previous_iteration(warm_tiny, tmp_path, capsys, mon
     assert sorted(p.name for p in out.glob("iteration_*")) == ["iteration_1"]
     AutoModelForCausalLM.from_pretrained(out / "iteration_1")
     assert len(metrics_without_timing(out)) == 1
+
+
+def test_write_errors_quote_the_os(warm_tiny, tmp_path, capsys, monkeypatch):
+    """A write error that is not a full disk is quoted as the OS gave it, and the message does
+    not tell the user to free space."""
+    import errno
+    real = os.replace
+
+    def refuse(src, dst):
+        if str(dst).endswith("iteration_1"):
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(SystemExit) as stop:
+        run_with_warmup(warm_tiny, str(tmp_path / "run"), "--iterations", "1")
+    assert stop.value.code == 2
+    errors = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if "error:" in l]
+    assert len(errors) == 1 and "(Directory not empty)" in errors[0], errors
+    assert "free some space" not in errors[0] and "--resume" in errors[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -856,16 +875,29 @@ def test_human_annotator_with_scripted_input(warm_tiny, tmp_path):
 
 
 def test_models_and_annotators_that_cannot_be_loaded(warm_tiny, tmp_path):
-    """A hub name without network, or a missing annotator, stops with one line naming it."""
+    """A hub name without network says it cannot be downloaded; a folder that is not a model
+    says so; a malformed panel is named."""
     proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"))
-    assert_one_line_error(proc, "--model microsoft/phi-2: cannot be loaded")
+    assert_one_line_error(proc, "--model microsoft/phi-2: cannot be loaded (cannot be downloaded: "
+                                "no network, or no such model;")
     assert "use --model tiny or a local folder" in proc.stderr
     assert not (tmp_path / "a" / "config.json").exists()  # nothing was claimed
+    (tmp_path / "empty").mkdir()
     shutil.copytree(warm_tiny, tmp_path / "b" / "warmup")
-    assert_one_line_error(cli("--annotators", f"rm:{tmp_path / 'nope'}", "--out", str(tmp_path / "b")),
-                          f"--annotators rm:{tmp_path / 'nope'}: cannot be loaded")
+    assert_one_line_error(cli("--annotators", f"rm:{tmp_path / 'empty'}", "--out", str(tmp_path / "b")),
+                          f"--annotators rm:{tmp_path / 'empty'}: cannot be loaded (not a model folder;")
     assert_one_line_error(cli("--annotators", "sim,oracle", "--out", str(tmp_path / "c")),
                           "--annotators sim,oracle: cannot read 'oracle'")
+
+
+def test_missing_model_folders_stop_before_any_work(tmp_path):
+    """A --model, judge: or rm: path that does not exist is named as a missing folder (not with
+    the hub's wording) before anything is built: no --out, no warm-up."""
+    for argv, label in ((["--model", str(tmp_path / "nope")], f"--model {tmp_path / 'nope'}"),
+                        (["--annotators", f"judge:{tmp_path / 'j'}"], f"--annotators judge:{tmp_path / 'j'}"),
+                        (["--annotators", "sim,rm:./no/such/rm"], "--annotators rm:./no/such/rm")):
+        assert_main_stops(argv + ["--out", str(tmp_path / "out")], f"{label}: no such folder")
+        assert not (tmp_path / "out").exists()
 
 
 def test_prompts_with_chat_messages(tmp_path):
