@@ -22,7 +22,7 @@ Run it:
   python irepo.py --loss dpo           # the same run with DPO on the panel's majority vote
   python irepo.py --loss ipo           # ... or with IPO's constant target
   python irepo.py --theory             # check the paper's theory numerically, in seconds
-  python irepo.py --compare            # irepo, dpo and ipo side by side on 3 seeds, ~1 minute
+  python irepo.py --compare            # reward-KL frontier of irepo, dpo and ipo, ~2.5 minutes
   python irepo.py --model microsoft/phi-2 --prompts ultrafeedback_prompts.jsonl       # GPU
   python irepo.py --model mistralai/Mistral-7B-v0.1 --prompts ultrafeedback_prompts.jsonl
   python -m pytest -q test_irepo.py    # the tests
@@ -112,10 +112,6 @@ PRESETS = {
     "mistral-7b": dict(LLM, batch_size=8, micro_batch_size=2, chat_format="mistral",
                        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
 }
-
-def preset_values(name):
-    """Every setting's value under a preset: the tiny values, overridden by the preset's."""
-    return {key: spec[2] for key, spec in SETTINGS.items()} | PRESETS[name]
 
 # --- Soft labels and ranking (steps 3-4).
 def empirical_preference(votes_a, n_annotators, smoothing=0.5):
@@ -608,7 +604,7 @@ def parse_args(argv=None):
       help="replace the run in --out (its warm-up cache is kept)")
     a("--seed", type=int, default=0, help="seeds every random stream")
     a("--theory", action="store_true", help="print numerical checks of the paper's theory, exit")
-    a("--compare", action="store_true", help="run irepo, dpo and ipo on 3 seeds; print a table")
+    a("--compare", action="store_true", help="reward-KL frontier of irepo, dpo and ipo")
     a("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     for name, (kind, rule, default, meaning) in SETTINGS.items():  # None: the preset's value
         flag = "--" + name.replace("_", "-")
@@ -621,7 +617,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
 
     args.preset = args.preset or preset_for(args.model)
-    for key, value in preset_values(args.preset).items():  # fill what the flags left unset
+    tiny = {key: spec[2] for key, spec in SETTINGS.items()}  # the preset fills what flags left
+    for key, value in (tiny | PRESETS[args.preset]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.lora_rank and not args.lora_targets.strip(","):
@@ -1198,6 +1195,9 @@ def load_eval(path):
     saved = read_json(path)
     return saved["responses"], torch.tensor(saved["logps"])
 
+def jsonl_line(row):
+    return json.dumps(row) + "\n"
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)
@@ -1212,12 +1212,12 @@ def save_iteration(out, t, model, tokenizer, rows, current, current_logps, metri
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_atomic(os.path.join(tmp, "pairs.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        write_atomic(os.path.join(tmp, "pairs.jsonl"), "".join(map(jsonl_line, rows)))
         save_eval(os.path.join(tmp, "eval.json"), current, current_logps)
         write_atomic(os.path.join(tmp, "metrics.json"), json.dumps(metrics) + "\n")
         os.replace(tmp, final)
-        write_atomic(os.path.join(out, "metrics.jsonl"),
-                     "".join(json.dumps(m) + "\n" for m in read_metrics(out)))
+        metrics_lines = "".join(map(jsonl_line, read_metrics(out)))
+        write_atomic(os.path.join(out, "metrics.jsonl"), metrics_lines)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -1488,7 +1488,6 @@ def theory_report():
     print(f"  {'beta':>6} " + " ".join(f"{s:>12}" for s in schemes))
     for beta in sorted({b for b, _ in opt}):
         print(f"  {beta:>6} " + " ".join(f"{opt[beta, s]:>12.1e}" for s in schemes))
-
     print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
           "\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds")
     ann = theory_annotators()
@@ -1500,42 +1499,88 @@ def theory_report():
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
     tail = float((y[-1] - y[-3]) / (x[-1] - x[-3]))
     print(f"  log-log slope: {slope:.2f} over all N, {tail:.2f} over N >= 16 (variance alone: -1)")
-
     print("\nClaim 3. T iterations with reference pi_t reach pi_0 exp(T r / beta) / Z (beta = 1)")
     print(f"  {'T':>3} {'max |log pi_T - log pi*_(beta/T)|':>36}")
     for t, err in theory_iterations().items():
         print(f"  {t:>3} {err:>36.1e}")
-
     print("\nClaim 4. One vote per pair: log-ratio gap (winner - loser) under gradient descent, "
           f"beta = 0.1\n  {'step':>6} {'DPO gap':>10} {'iREPO gap':>10} {'DPO pi(y_l)':>12}")
     for step, dpo, ire, loser in theory_hard_labels():
         print(f"  {step:>6} {dpo:>10.3f} {ire:>10.3f} {loser:>12.2e}")
     print(f"\n(theory checks took {time.time() - tic:.1f}s)")
 
-def compare_losses(args, seeds=3):
-    """Claim 5: the three losses on the tiny LM with the same seeds, panel and budget.
-    Prints mean and standard deviation over the seeds of the last iteration's metrics."""
-    finals = {}
-    for loss in LOSSES:
-        for s in range(seeds):
-            sub = SimpleNamespace(**vars(args))
-            sub.loss, sub.seed, sub.overwrite, sub.resume = loss, args.seed + s, True, False
-            sub.out = os.path.join(args.out, "compare", f"{loss}_seed{sub.seed}")
-            print(f"\n=== --loss {loss} --seed {sub.seed} ===")
-            finals.setdefault(loss, []).append(run(sub)[-1])
-    keys = ["true_reward", "kl_to_initial", "win_rate_vs_initial", "response_tokens_mean"]
-    print(f"\nAfter {args.iterations} iterations, mean +- std over seeds "
-          f"{args.seed}..{args.seed + seeds - 1}:")
-    print(f"{'loss':<6}" + "".join(f"{k:>24}" for k in keys))
-    for loss, rows in finals.items():
-        cells = []
-        for k in keys:
-            v = torch.tensor([r[k] for r in rows])
-            cells.append(f"{v.mean():.3f} +- {v.std():.3f}")
-        print(f"{loss:<6}" + "".join(f"{c:>24}" for c in cells))
-    return finals
+# --- The losses compared (python irepo.py --compare): the reward-KL frontier of the DPO paper's
+# controlled sentiment experiment, on the tiny world. Each loss runs over a grid of beta (chosen so
+# that the KL ranges overlap) and several seeds; every iteration of every run is a point (KL to
+# pi_0, true reward); a loss is better where its frontier lies above the others at equal KL.
+COMPARE_BETAS = {"irepo": (0.5, 1.0, 2.0), "dpo": (1.0, 2.0, 4.0), "ipo": (0.1, 0.25, 0.5)}
 
+def interpolate(points, x):
+    """y at x, linearly interpolated along points (x, y) taken in order of x; None outside."""
+    points = sorted(points)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
+def matched_rewards(rows, levels):
+    """{loss: {level: [reward per seed]}}. A seed's frontier is the upper envelope of its points
+    over every beta (a point counts if no point with less KL has more reward), interpolated
+    along; past its last point it stays flat (a run can stop early), before its first, None."""
+    out = {}
+    for loss, seed in sorted({(r["loss"], r["seed"]) for r in rows}):
+        frontier = []
+        for x, y in sorted((r["kl_to_initial"], r["true_reward"]) for r in rows
+                           if (r["loss"], r["seed"]) == (loss, seed)):
+            if not frontier or y > frontier[-1][1]:
+                frontier.append((x, y))
+        for level in levels:
+            y = frontier[-1][1] if level >= frontier[-1][0] else interpolate(frontier, level)
+            if y is not None:
+                out.setdefault(loss, {}).setdefault(level, []).append(y)
+    return out
+
+def verdict(table, level):
+    """'a > b' for each pair of losses where every seed of a beats every seed of b at this
+    level (with 3 seeds each, a chance of 1/20 if the two losses were the same), else 'within
+    noise'."""
+    have = {loss: v[level] for loss, v in table.items() if len(v.get(level, [])) >= 2}
+    wins = [f"{a} > {b}" for a in have for b in have if a != b and min(have[a]) > max(have[b])]
+    return ", ".join(wins) or "within noise"
+
+def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
+    """Run every loss over its beta grid and `seeds` seeds from the same (shared) warm-up;
+    write frontier.jsonl, print the points and the true reward at matched KL levels, spread
+    over the KL range that every loss and seed reaches, so that no frontier is extrapolated."""
+    rows = []
+    for loss, betas in grid.items():
+        for beta in betas:
+            for s in range(args.seed, args.seed + seeds):
+                sub = SimpleNamespace(**vars(args))
+                sub.loss, sub.beta, sub.seed, sub.overwrite, sub.resume = loss, beta, s, True, False
+                sub.out = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{s}")
+                print(f"\n=== --loss {loss} --beta {beta} --seed {s} ===")
+                rows += [dict(loss=loss, beta=beta, seed=s, iteration=m["iteration"],
+                              kl_to_initial=m["kl_to_initial"], true_reward=m["true_reward"],
+                              win_rate_vs_initial=m["win_rate_vs_initial"]) for m in run(sub)]
+    write_atomic(os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
+    print(f"\n{'loss':<6} {'beta':>5} {'seed':>4} {'iter':>4} {'KL(pi_0||pi_t)':>15} "
+          f"{'true reward':>12} {'win vs pi_0':>12}")
+    for r in rows:
+        print(("{loss:<6} {beta:>5} {seed:>4} {iteration:>4} {kl_to_initial:>15.3f} "
+               "{true_reward:>12.3f} {win_rate_vs_initial:>12.3f}").format(**r))
+    runs = {(r["loss"], r["seed"]) for r in rows}
+    low, high = (f(g(r["kl_to_initial"] for r in rows if (r["loss"], r["seed"]) == run)
+                   for run in runs) for f, g in ((max, min), (min, max)))
+    levels = [low + (high - low) * i / 4 for i in range(5)] if high > low else []
+    table = matched_rewards(rows, levels)
+    print(f"\nTrue reward at matched KL(pi_0 || pi_t), mean +- std over {seeds} seeds "
+          f"(frontier.jsonl in {args.out}/ has every point):")
+    print(f"{'KL':>6} " + "".join(f"{loss:>16}" for loss in grid) + "   verdict")
+    for level in levels:
+        ys = [torch.tensor(table.get(loss, {}).get(level, [float("nan")])) for loss in grid]
+        cells = [f"{y.mean():.2f}" + (f" +- {y.std():.2f}" if len(y) > 1 else "") for y in ys]
+        print(f"{level:>6.2f} " + "".join(f"{c:>16}" for c in cells), "  ", verdict(table, level))
+    return rows
 
 if __name__ == "__main__":
     main()

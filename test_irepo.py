@@ -909,3 +909,46 @@ def test_prompts_with_chat_messages(tmp_path):
     prompts = irepo.read_prompts(str(path))
     assert prompts == [[{"role": "user", "content": "review the hotel"}], "describe the car"]
     assert irepo.prompt_text(prompts[0]) == "review the hotel"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward-KL frontier (python irepo.py --compare).
+# ---------------------------------------------------------------------------------------------
+
+def test_interpolation_and_matched_kl_table():
+    """interpolate() is linear between the points around x (in order of x) and None outside;
+    a seed's frontier is the upper envelope of its points over every beta, flat past its last
+    point; the verdict names a pair only when every seed of one beats every seed of the other.
+    Hand-computed values."""
+    assert irepo.interpolate([(3.0, 3.0), (1.0, 1.0)], 2.5) == pytest.approx(2.5)
+    assert irepo.interpolate([(1.0, 1.0), (3.0, 3.0)], 0.5) is None
+    assert irepo.interpolate([(1.0, 1.0), (3.0, 3.0)], 3.5) is None
+    point = lambda loss, beta, seed, kl, reward: dict(loss=loss, beta=beta, seed=seed,
+                                                      kl_to_initial=kl, true_reward=reward)
+    rows = [point("a", 1, 0, 1.0, 1.0), point("a", 1, 0, 3.0, 3.0),   # beta 1: y = x
+            point("a", 2, 0, 2.0, 4.0), point("a", 2, 0, 4.0, 4.0),   # beta 2: flat at 4
+            point("a", 1, 1, 1.0, 2.0), point("a", 1, 1, 4.0, 5.0),   # seed 1: y = x + 1
+            point("b", 1, 0, 0.0, 0.0), point("b", 1, 0, 4.0, 2.0),   # y = x / 2
+            point("b", 1, 1, 0.0, 1.0), point("b", 1, 1, 4.0, 1.0)]   # flat at 1
+    table = irepo.matched_rewards(rows, [1.0, 2.0, 3.5])
+    assert table["a"] == {1.0: [1.0, 2.0], 2.0: [4.0, 3.0], 3.5: [4.0, 4.5]}
+    assert table["b"] == {1.0: [0.5, 1.0], 2.0: [1.0, 1.0], 3.5: [1.75, 1.0]}
+    assert irepo.verdict(table, 2.0) == "a > b"          # 3 and 4 both beat 1 and 1
+    assert irepo.verdict(table, 1.0) == "within noise"   # a's 1.0 does not beat b's 1.0
+
+
+def test_compare_writes_a_frontier(warm_tiny, tmp_path, capsys):
+    """A tiny sweep (1 seed, 2 betas, 1 iteration) writes frontier.jsonl with one well-formed
+    point per run and iteration, and prints the matched-KL table."""
+    out = tmp_path / "cmp"
+    shutil.copytree(warm_tiny, out / "warmup")
+    args = irepo.parse_args(small_run_args(out, "--iterations", "1", "--compare"))
+    irepo.compare_losses(args, grid={"irepo": (0.5, 1.0)}, seeds=1)
+    rows = [json.loads(line) for line in open(out / "frontier.jsonl")]
+    assert [(r["loss"], r["beta"], r["seed"], r["iteration"]) for r in rows] == [
+        ("irepo", 0.5, 0, 1), ("irepo", 1.0, 0, 1)]
+    for r in rows:
+        assert set(r) == {"loss", "beta", "seed", "iteration", "kl_to_initial", "true_reward",
+                          "win_rate_vs_initial"}
+        assert all(math.isfinite(r[k]) for k in ("kl_to_initial", "true_reward", "win_rate_vs_initial"))
+    assert "True reward at matched KL" in capsys.readouterr().out
