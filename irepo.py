@@ -33,17 +33,16 @@ Deliberate deviations from the paper (the README explains each):
   2. p_hat is smoothed by adding `smoothing` (0.5) votes to each side (Haldane-Anscombe), so that
      a unanimous panel has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
   3. The soft label of the best-vs-worst pair reuses the votes that ranked it (no fresh votes).
-  4. The default panel is simulated: Bradley-Terry annotators with a hidden reward (they like
-     positive words), so that the true reward of a policy can be measured. The Phi-2 and
-     Mistral-7B presets use a public reward model instead; the paper's annotators are not named.
+  4. The default panel is simulated (Bradley-Terry voters who like positive words), so that the
+     true reward is known; the LLM presets use a public reward model (the paper's are unnamed).
   5. Log-probabilities are summed over response tokens and scored at temperature 1, whatever the
      sampling temperature; dropout is zeroed so that pi_theta = pi_t at the first step.
   6. IPO is run as the same squared loss with the constant target 1/2 on the beta*h scale, i.e.
      IPO's loss times beta^2, so that one learning rate serves all three losses.
-  7. Where the paper is silent (K, max lengths, temperature, LoRA rank) the presets choose; the
-     README lists each choice and why.
+  7. Where the paper is silent (K, lengths, temperature, LoRA rank) the presets choose (README).
 """
 
+import contextlib
 import errno
 import json
 import math
@@ -97,12 +96,14 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     prompts_per_iteration=(int, ">= 1", 192, "prompts in each iteration's chunk (None: all)"),
     eval_prompts=(int, ">= 1", 64, "held-out prompts for the win-rate against pi_0"),
     eval_samples=(int, ">= 1", 4, "responses per held-out prompt, for less noisy estimates"),
-    sample_batch_size=(int, ">= 1", 128, "prompts per generate() call"),
+    sample_batch_size=(int, ">= 1, or auto", 128, "prompts per generate() call; auto: by memory"),
+    sft_epochs=(int, ">= 1", 1, "passes of --sft over its conversations"),
+    sft_lr=(float, "> 0", 2e-4, "learning rate of --sft"),
 )
 LLM = dict(  # what the paper's Phi-2 and Mistral-7B settings share; the README explains each
     beta=0.01, lr=5e-6, epochs=1, lora_rank=16, lora_alpha=32, gradient_checkpointing=True,
     max_new_tokens=256, max_prompt_tokens=512, temperature=0.7, prompts_per_iteration=None,
-    eval_samples=1, sample_batch_size=16,
+    eval_samples=1, sample_batch_size="auto",
     annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2",
 )
 PRESETS = {
@@ -259,25 +260,46 @@ def encode_prompt(tokenizer, prompt, max_tokens=None):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has any BOS
     return ids[-max_tokens:] if max_tokens else ids
 
+def end_of_turn(tokenizer):
+    """The chat format's end-of-turn marker when it is not EOS: '<|im_end|>' for ChatML."""
+    return "<|im_end|>" if "<|im_end|>" in (tokenizer.chat_template or "") else None
+
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, k, args, desc):
     """k responses for each prompt. Returns a list (len(prompt_ids) * k) of token-id lists,
-    grouped by prompt; each ends at its first EOS (kept) or at max_new_tokens."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    grouped by prompt; each ends at its first EOS or end-of-turn marker (kept, so that pi learns
+    to end its turn, and nothing after it), or at max_new_tokens."""
+    eos, pad, marker = tokenizer.eos_token_id, tokenizer.pad_token_id, end_of_turn(tokenizer)
+    marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    stops = [eos] + marker_ids[-1:] if len(marker_ids) == 1 else [eos]  # single tokens
+    batch_size = args.sample_batch
     responses = []
-    for i in tqdm(range(0, len(prompt_ids), args.sample_batch_size), desc=desc, leave=False):
-        ids, attn = left_pad(prompt_ids[i:i + args.sample_batch_size], pad, model.device)
-        # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature).
+    for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, leave=False):
+        ids, attn = left_pad(prompt_ids[i:i + batch_size], pad, model.device)
+        # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature);
+        # a marker of several tokens is caught as a string (stop_strings).
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0,
                              top_p=1.0, temperature=args.temperature,
                              max_new_tokens=args.max_new_tokens, num_return_sequences=k,
-                             pad_token_id=pad, eos_token_id=eos)
+                             pad_token_id=pad, eos_token_id=stops, tokenizer=tokenizer,
+                             stop_strings=[marker] if len(marker_ids) > 1 else None)
         for row in out[:, ids.shape[1]:].tolist():
-            responses.append(row[:row.index(eos) + 1] if eos in row else row)
+            end = next((j + 1 for j, token in enumerate(row) if token in stops), len(row))
+            if len(marker_ids) > 1:  # the shortest prefix whose text holds the marker
+                low, high = 0, end
+                while low < high:
+                    mid = (low + high) // 2
+                    found = marker in tokenizer.decode(row[:mid])
+                    low, high = (low, mid) if found else (mid + 1, high)
+                end = low
+            responses.append(row[:end])
     return responses
 
 def decode(tokenizer, responses):
-    return [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+    """The texts annotators see: special tokens and the end-of-turn marker left out."""
+    marker = end_of_turn(tokenizer)
+    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+    return [(t.split(marker)[0] if marker else t).strip() for t in texts]
 
 # --- Annotators (step 2). Every annotator answers, for each pair (a, b), n_annotators values in
 # [0, 1]: a vote or a probability that a is better than b, or nan for no answer. A panel
@@ -392,8 +414,9 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args):
         rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **label,
                          prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
     eos, tokens = tokenizer.eos_token_id, sum(map(len, responses))
+    ended = sum(len(r) < args.max_new_tokens or r[-1] == eos for r in responses)  # EOS or marker
     return rows, dict(skipped_pairs=skipped, response_tokens_mean=tokens / len(responses),
-                      eos_rate=sum(bool(r) and r[-1] == eos for r in responses) / len(responses),
+                      eos_rate=ended / len(responses),
                       seconds_sample=seconds_sample, seconds_annotate=time.time() - tic,
                       sample_tokens_per_s=tokens / seconds_sample)
 
@@ -409,10 +432,10 @@ def reference_logprobs(model, rows, pad, args):
         row.update(logp_ref_a=la, logp_ref_b=lb)
     return ref_a, ref_b
 
-def train(model, rows, ref_a, ref_b, pad, args):
-    """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed;
-    the model becomes pi_{t+1}. With --lora-rank r > 0 only fresh adapters train, and are
-    merged into the weights at the end. Returns the last epoch's diagnostics, and tokens seen."""
+@contextlib.contextmanager
+def trainable(model, args):
+    """The parameters to train: fresh LoRA adapters (--lora-rank r > 0), merged into the
+    weights on exit so that the model stays a plain one, or every weight."""
     if args.lora_rank:
         params = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
     else:
@@ -422,7 +445,7 @@ def train(model, rows, ref_a, ref_b, pad, args):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
     try:
-        return optimize(model, params, rows, ref_a, ref_b, pad, args)
+        yield params
     finally:
         model.eval()
         if args.gradient_checkpointing:
@@ -430,39 +453,23 @@ def train(model, rows, ref_a, ref_b, pad, args):
         merge_lora(model)
         model.requires_grad_(False)
 
-def optimize(model, params, rows, ref_a, ref_b, pad, args):
-    """The optimization itself: Adam over `params`, cosine schedule with linear warm-up,
-    gradient accumulation from micro-batches up to --batch-size pairs per step."""
+def fit(params, n, micro_loss, args, lr, epochs, desc):
+    """The one training loop (step 6, and the SFT that makes pi_0): Adam, cosine schedule with
+    linear warm-up, gradient clipping. Each epoch visits the n items in random order,
+    --batch-size per optimizer step, accumulating --micro-batch-size at a time; micro_loss(idx,
+    epoch) returns the summed loss of those items."""
     from transformers import get_cosine_schedule_with_warmup
-    loss_fn = LOSSES[args.loss]
-    num_pairs = len(rows)
-    target = torch.tensor([r["target_logit"] for r in rows])
-    opt = torch.optim.Adam(params, lr=args.lr)
-    steps = math.ceil(num_pairs / args.batch_size) * args.epochs
+    opt = torch.optim.Adam(params, lr=lr)
+    steps = math.ceil(n / args.batch_size) * epochs
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
-    tokens = 0
-    with tqdm(total=steps, desc="train", leave=False) as bar:  # closed on errors too
-        for epoch in range(args.epochs):
-            h_all, loss_all = torch.zeros(num_pairs), torch.zeros(num_pairs)
-            order = torch.randperm(num_pairs)
-            for start in range(0, num_pairs, args.batch_size):
+    with tqdm(total=steps, desc=desc, leave=False) as bar:  # closed on errors too
+        for epoch in range(epochs):
+            order = torch.randperm(n)
+            for start in range(0, n, args.batch_size):
                 batch = order[start:start + args.batch_size]
                 for m in range(0, len(batch), args.micro_batch_size):
-                    idx = batch[m:m + args.micro_batch_size].tolist()
-                    # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
-                    prompt_ids = [rows[i]["prompt_ids"] for i in idx] * 2
-                    response_ids = [rows[i]["a_ids"] for i in idx] + [rows[i]["b_ids"] for i in idx]
-                    ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
-                    logps = sequence_logprobs(model, ids, attn, resp).cpu()
-                    logps_a, logps_b = logps.split(len(idx))
-                    logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
-                    losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
-                    if not torch.isfinite(losses).all():
-                        raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}")
-                    (losses.sum() / len(batch)).backward()
-                    h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
-                    loss_all[idx] = losses.detach()
-                    tokens += int(attn.sum())
+                    loss = micro_loss(batch[m:m + args.micro_batch_size].tolist(), epoch)
+                    (loss / len(batch)).backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise FloatingPointError(f"the gradient became non-finite in epoch {epoch + 1}")
@@ -470,11 +477,43 @@ def optimize(model, params, rows, ref_a, ref_b, pad, args):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 bar.update()
-                bar.set_postfix(loss=f"{loss_all[batch].mean():.4f}")
+
+def train(model, rows, ref_a, ref_b, pad, args):
+    """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed;
+    the model becomes pi_{t+1}. Returns the last epoch's diagnostics, and tokens seen."""
+    loss_fn, target = LOSSES[args.loss], torch.tensor([r["target_logit"] for r in rows])
+    h_all, loss_all, tokens = torch.zeros(len(rows)), torch.zeros(len(rows)), [0]
+
+    def micro_loss(idx, epoch):
+        # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
+        prompt_ids = [rows[i]["prompt_ids"] for i in idx] * 2
+        response_ids = [rows[i]["a_ids"] for i in idx] + [rows[i]["b_ids"] for i in idx]
+        ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
+        logps_a, logps_b = sequence_logprobs(model, ids, attn, resp).cpu().split(len(idx))
+        logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
+        losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
+        if not torch.isfinite(losses).all():
+            raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}")
+        h_all[idx] = args.beta * (logratio_a - logratio_b).detach()  # the last epoch's stay
+        loss_all[idx] = losses.detach()
+        tokens[0] += int(attn.sum())
+        return losses.sum()
+    with trainable(model, args) as params:
+        fit(params, len(rows), micro_loss, args, args.lr, args.epochs, "train")
     return dict(loss=float(loss_all.mean()),
                 regression_mse=float(((h_all - target) ** 2).mean()),
                 sign_agreement=float((torch.sign(h_all) == torch.sign(target)).float().mean()),
-                reward_margin=float(h_all.mean())), tokens
+                reward_margin=float(h_all.mean())), tokens[0]
+
+def sft(model, tokenizer, examples, args, lr, epochs):
+    """The supervised warm-up that makes pi_0: examples are (prompt_ids, response_ids); the loss
+    is the mean negative log-likelihood of the response (assistant) tokens of each example,
+    scored by the same helper as the method; the preset's LoRA is merged afterwards."""
+    def micro_loss(idx, epoch):
+        batch = collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_token_id, model.device)
+        return -(sequence_logprobs(model, *batch) / batch[2].sum(-1)).sum()
+    with trainable(model, args) as params:
+        fit(params, len(examples), micro_loss, args, lr, epochs, "SFT")
 
 # --- Step 7: evaluate pi_{t+1} against pi_0 on held-out prompts.
 def evaluate(model, tokenizer, panel, ev, t, args):
@@ -490,7 +529,7 @@ def evaluate(model, tokenizer, panel, ev, t, args):
     # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
     # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
     logps = lambda responses: batched_logprobs(model, ev.ids, responses, tokenizer.pad_token_id,
-                                               args.sample_batch_size)
+                                               args.sample_batch)
     kl_ref = (ev.previous_logps - logps(ev.previous)).mean()
     kl_init = (ev.initial_logps - logps(ev.initial)).mean()
     ev.previous, ev.previous_logps = current, logps(current)
@@ -543,11 +582,7 @@ def check_targets(rows, t):
     if not rows:
         fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
              "try a higher --temperature or more --num-responses")
-    target = torch.tensor([r["target_logit"] for r in rows])
-    if not torch.isfinite(target).all():
-        fail(f"iteration {t + 1}: a target logit is not finite; --smoothing must be > 0")
-    return target
-
+    return torch.tensor([r["target_logit"] for r in rows])
 
 # =============================================================================================
 # PART II. THE MACHINERY. Nothing below changes the method: the command line, files, model
@@ -561,11 +596,12 @@ def fail(message):
     sys.exit(2)
 
 def checked(flag, kind, rule):
-    """An argparse type= that parses a value, then stops with one line unless it satisfies
-    `rule`: '> 0', '>= 1', 'in [0, 1)', optionally followed by a reason."""
-    op, bound = rule.split()[:2]
+    """A type= for argparse: the value, or one line and exit 2 unless it satisfies `rule`."""
+    op, bound = rule.replace(",", " ").split()[:2]
 
     def parse(text):
+        if text == "auto" and rule.endswith("auto"):
+            return text
         value = kind(text)  # a ValueError here is argparse's own "invalid float value"
         if op == "in":
             low, high = (float(x) for x in rule[4:rule.index(")")].split(","))
@@ -579,8 +615,7 @@ def checked(flag, kind, rule):
     return parse
 
 def preset_for(model):
-    """The preset a --model implies: Mistral-7B's for its names (base and Instruct), tiny's for
-    'tiny', and Phi-2's for any other checkpoint."""
+    """Mistral-7B's preset for its names (base and Instruct), tiny's for 'tiny', else Phi-2's."""
     name = model.rstrip("/").lower()
     return ("tiny" if name == "tiny" else
             "mistral-7b" if name.startswith("mistralai/mistral-7b") else "phi-2")
@@ -598,6 +633,8 @@ def parse_args(argv=None):
       "string or a chat 'messages' list")
     a("--pairs", default=None, help="FILE: train on these labelled pairs (pairs.jsonl format) "
       "instead of sampling and annotating")
+    a("--sft", default=None, help="FILE: chat 'messages' JSONL to fine-tune --model on first, "
+      "as the paper starts from an SFT model")
     a("--resume", action="store_true",
       help="continue the run in --out after its last complete iteration")
     a("--overwrite", action="store_true",
@@ -645,10 +682,13 @@ def load_error(label, name, error, hint):
     """One line for a model that cannot be loaded, saying why by what its name looks like."""
     why = ("not a model folder" if is_path(name) or os.path.isdir(name)
            else "cannot be downloaded: no network, or no such model")
-    fail(f"{label}: cannot be loaded ({why}; {first_line(error)}); {hint}")
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    fail(f"{label}: cannot be loaded ({why}; {first_line}); {hint}")
+
+DTYPE = {"cuda": torch.bfloat16, "mps": torch.float32, "cpu": torch.float32}
 
 def pick_device(name=None):
-    """Device and dtype are chosen here and in model_dtype, nowhere else."""
+    """The device; weights are bf16 on CUDA and fp32 elsewhere (DTYPE)."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
                  "cpu": True}
     if name and not available.get(name.split(":")[0]):
@@ -656,8 +696,25 @@ def pick_device(name=None):
              + ", ".join(d for d, ok in available.items() if ok))
     return torch.device(name or next(d for d, ok in available.items() if ok))
 
-def model_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def kv_cache_bytes(config, tokens, dtype_bytes=2):
+    """The KV cache of one sequence of `tokens` tokens: K and V in every layer, in bytes."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * tokens
+
+def sample_batch(model, args, device, margin=0.5):
+    """--sample-batch-size, with 'auto' resolved: on CUDA the most prompts whose KV cache (K
+    sequences each, prompt + new tokens) fits in `margin` of the memory left after the weights
+    (the rest: the annotators, logits, fragmentation); elsewhere 16."""
+    if args.sample_batch_size != "auto" or device.type != "cuda":
+        return 16 if args.sample_batch_size == "auto" else args.sample_batch_size
+    per_prompt = args.num_responses * kv_cache_bytes(
+        model.config, args.max_prompt_tokens + args.max_new_tokens, model.dtype.itemsize)
+    free = torch.cuda.mem_get_info(device)[0]
+    size = max(1, int(margin * free // per_prompt))
+    print(f"sample batch: {size} prompts per generate() call ({per_prompt / 2**30:.2f} GiB of KV "
+          f"cache each, {free / 2**30:.0f} GiB free after the weights)")
+    return size
 
 def peak_memory_mb(device, reset=False):
     if device.type != "cuda":
@@ -667,20 +724,6 @@ def peak_memory_mb(device, reset=False):
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 # --- Prompts and given pairs: the built-in list or files, checked line by line before any work.
-INSTRUCTIONS = ["Explain {} to a curious ten-year-old.", "Write a short poem about {}.",
-                "Give three practical tips about {}.", "What are common misconceptions about {}?",
-                "Summarize the history of {} in one paragraph.",
-                "Write a friendly email inviting a colleague to a talk on {}.",
-                "List the pros and cons of {}.", "Describe {} in exactly two sentences."]
-SUBJECTS = ("photosynthesis, compound interest, learning a second language, remote work, the water "
-            "cycle, black holes, sourdough baking, public libraries, sleep, electric cars, chess "
-            "openings, recycling plastic, the Roman Empire, vaccines, jazz improvisation, city "
-            "gardening, password security, volcanoes, minimalism, marathon training").split(", ")
-
-def instruction_prompts():
-    """160 varied built-in instructions, used for real models when --prompts is not given."""
-    return [t.format(s) for t in INSTRUCTIONS for s in SUBJECTS]
-
 def read_lines(path, flag):
     """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
     if not os.path.isfile(path):
@@ -719,42 +762,74 @@ def read_prompts(path):
     return prompts
 
 def jsonl_prompt(where, row):
-    messages = row.get("messages")
-    if not isinstance(messages, list):
+    if not isinstance(row.get("messages"), list):
         if isinstance(row.get("prompt"), str) and row["prompt"].strip():
             return row["prompt"].strip()
         fail(f"{where}: needs a non-empty string field 'prompt' or a list field 'messages'")
-    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-               and isinstance(m.get("content"), str) for m in messages):
-        fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
+    messages = chat_messages(where, row)
     while messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
     if not messages or messages[-1]["role"] != "user":
         fail(f"{where}: field 'messages' must end with a user turn")
+    return messages
+
+def chat_messages(where, row):
+    messages = row.get("messages")
+    if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(
+            m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+def read_conversations(path):
+    """--sft: a chat 'messages' list per line, with an assistant turn after a user turn."""
+    conversations = []
+    for where, row in read_jsonl(path, "--sft"):
+        messages = chat_messages(where, row)
+        if not any(m["role"] == "assistant" and i and messages[i - 1]["role"] == "user"
+                   for i, m in enumerate(messages)):
+            fail(f"{where}: field 'messages' has no assistant turn after a user turn")
+        conversations.append(messages)
+    if not conversations:
+        fail(f"--sft {path}: the file holds no conversation")
+    return conversations
+
+def sft_examples(tokenizer, conversations, args):
+    """(prompt_ids, response_ids) for every assistant turn: the conversation before it in the
+    chat template, and the turn itself followed by the end-of-turn marker (EOS if the format
+    has none), so that pi_0 learns to end its turns; cut at --max-new-tokens."""
+    marker = end_of_turn(tokenizer)
+    end = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
+    examples = []
+    for messages in conversations:
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and i and messages[i - 1]["role"] == "user":
+                ids = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
+                examples.append((encode_prompt(tokenizer, messages[:i], args.max_prompt_tokens),
+                                 (ids + (end or [tokenizer.eos_token_id]))[:args.max_new_tokens]))
+    return examples
 
 def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+def check(row, where, field, ok, what):
+    """row[field] if ok(row[field]); else one line naming the line, the field and the value."""
+    if not ok(row.get(field)):
+        fail(f"{where}: field '{field}' must be {what}, got {row.get(field)!r}")
+    return row.get(field)
+
 def pair_target(row, where, smoothing):
     """logit p_hat of a given pair, from 'target_logit', else 'p_hat', else the votes."""
     if "target_logit" in row:
-        if not is_number(row["target_logit"]):
-            fail(f"{where}: field 'target_logit' must be a finite number, "
-                 f"got {row['target_logit']!r}")
-        return float(row["target_logit"])
+        return float(check(row, where, "target_logit", is_number, "a finite number"))
     if "p_hat" in row:
-        p = row["p_hat"]
-        if not (is_number(p) and 0 < p < 1):
-            fail(f"{where}: field 'p_hat' must be a number strictly between 0 and 1, got {p!r}")
+        p = check(row, where, "p_hat", lambda p: is_number(p) and 0 < p < 1,
+                  "a number strictly between 0 and 1")
         return math.log(p) - math.log1p(-p)
     if "votes_a" not in row:
         fail(f"{where}: needs a field 'target_logit', 'p_hat', or 'votes_a' with 'n_annotators'")
-    n, v = row.get("n_annotators"), row["votes_a"]
-    if not (is_number(n) and n >= 1):
-        fail(f"{where}: field 'n_annotators' must be a number >= 1, got {n!r}")
-    if not (is_number(v) and 0 <= v <= n):
-        fail(f"{where}: field 'votes_a' must be a number in [0, n_annotators], got {v!r}")
+    n = check(row, where, "n_annotators", lambda n: is_number(n) and n >= 1, "a number >= 1")
+    v = check(row, where, "votes_a", lambda v: is_number(v) and 0 <= v <= n,
+              "a number in [0, n_annotators]")
     return float(preference_logit(empirical_preference(torch.tensor(float(v)), n, smoothing)))
 
 def read_pairs(path, smoothing):
@@ -763,15 +838,13 @@ def read_pairs(path, smoothing):
     'b_ids') are used when present, so that a saved pair is reproduced exactly."""
     rows = []
     for where, row in read_jsonl(path, "--pairs"):
-        for field in ("prompt", "response_a", "response_b"):
-            if not isinstance(row.get(field), str):
-                fail(f"{where}: field '{field}' must be a string")
-        if not row["prompt"].strip():
-            fail(f"{where}: field 'prompt' is empty")
+        check(row, where, "prompt", lambda p: isinstance(p, str) and p.strip(),
+              "a non-empty string")
+        for field in ("response_a", "response_b"):
+            check(row, where, field, lambda y: isinstance(y, str), "a string")
         for field in ("prompt_ids", "a_ids", "b_ids"):
-            ids = row.get(field, [])
-            if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
-                fail(f"{where}: field '{field}' must be a list of token ids")
+            check(row, where, field, lambda ids: ids is None or isinstance(ids, list) and all(
+                isinstance(i, int) and i >= 0 for i in ids), "a list of token ids")
         rows.append(dict(row, where=where, target_logit=pair_target(row, where, smoothing)))
     if not rows:
         fail(f"--pairs {path}: the file holds no pair")
@@ -808,19 +881,18 @@ def given_pairs(tokenizer, chunk, max_tokens):
         if degenerate(row["response_a"], row["response_b"]):
             skipped += 1
             continue
-        if not row.get("prompt_ids"):
-            row["prompt_ids"] = encode_prompt(tokenizer, row["prompt"], max_tokens)
+        row["prompt_ids"] = (row.get("prompt_ids")
+                             or encode_prompt(tokenizer, row["prompt"], max_tokens))
         for side in "ab":
-            if not row.get(f"{side}_ids"):
-                text = row[f"response_{side}"]
-                row[f"{side}_ids"] = tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+            text = row[f"response_{side}"]
+            row[f"{side}_ids"] = (row.get(f"{side}_ids")
+                                  or tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
         if max(row["prompt_ids"] + row["a_ids"] + row["b_ids"]) >= len(tokenizer):
             fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
         rows.append(row)
-    lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"]
-    return rows, dict(skipped_pairs=skipped,
-                      response_tokens_mean=sum(lengths) / max(1, len(lengths)), eos_rate=None,
-                      seconds_sample=0.0, seconds_annotate=0.0,
+    lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"] or [0]
+    return rows, dict(skipped_pairs=skipped, response_tokens_mean=sum(lengths) / len(lengths),
+                      eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
                       sample_tokens_per_s=None)
 
 # --- Model loading.
@@ -836,22 +908,23 @@ CHAT_TEMPLATES = {
 }
 
 def load_policy(args, device, folder):
-    """A causal LM and its tokenizer from `folder` (a hub name or local folder). For --model
-    tiny the warm-up folder is built once, then reused."""
+    """A causal LM and its tokenizer from `folder`; the tiny warm-up is built once, then reused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    if folder == args.warmup and not os.path.isfile(os.path.join(folder, "config.json")):
-        build_tiny(folder + ".tmp", seed=0)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(folder + ".tmp", folder)  # a half-written warm-up is never reused
+    if folder == args.warmup and not os.path.isdir(folder):
+        build_tiny(folder, seed=0)  # once: published whole, so never reused half-written
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=model_dtype(device),
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE[device.type],
                                                      attn_implementation="sdpa").to(device)
     except (OSError, ValueError, ImportError) as e:
         load_error(f"--model {args.model}", folder, e, "use --model tiny or a local folder")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
     if not tokenizer.chat_template:
+        if folder == args.model and not args.sft:
+            print(f"warning: {args.model} has no chat template of its own, so it is a base model; "
+                  "the paper starts from an SFT model: add --sft FILE (see the README) or give "
+                  "an SFT checkpoint to --model")
         tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]  # saved with every iteration
     # Zero every dropout, so that train mode (which gradient checkpointing needs) computes the
     # same function as evaluation: pi_theta == pi_t at the first step.
@@ -871,9 +944,6 @@ def load_policy(args, device, folder):
         fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that "
              f"name; its linear layers are {','.join(linear)}")
     return model, tokenizer
-
-def first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 # --- LoRA, in the file: adapters on the chosen linear layers, merged back after every iteration so
 # that each saved iteration is a plain model and pi_t is exactly the next reference.
@@ -914,8 +984,7 @@ def add_lora(model, rank, alpha, targets):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its base weight, W += (alpha / r) B A, in fp32 then cast, and put
-    the plain layer back."""
+    """Fold each adapter into its weight, W += (alpha / r) B A (in fp32), and unwrap it."""
     for name, m in list(model.named_modules()):
         if isinstance(m, LoRALinear):
             delta = m.scale * (m.B @ m.A)  # (out, in)
@@ -987,8 +1056,7 @@ class JudgeAnnotator(ModelAnnotator):
         return both[:, None]
 
 class RewardModelAnnotator(ModelAnnotator):
-    """A scalar reward model (AutoModelForSequenceClassification, one logit) scores each
-    distinct (prompt, response) once; a pair gets p = sigma(r_a - r_b)."""
+    """A scalar reward model scores each distinct response once; p(a > b) = sigma(r_a - r_b)."""
 
     @torch.no_grad()
     def scores(self, prompts, texts):
@@ -1033,7 +1101,7 @@ def build_panel(args, policy, tokenizer, device):
     from transformers import AutoModelForCausalLM as LM, AutoTokenizer
     from transformers import AutoModelForSequenceClassification as RM
     gen = torch.Generator().manual_seed(args.seed)  # the simulated votes' stream
-    sizes = (args.sample_batch_size, args.max_prompt_tokens * 4)
+    sizes = (args.sample_batch, args.max_prompt_tokens * 4)
     annotators = []
     for kind, arg in args.annotator_specs:
         try:
@@ -1043,7 +1111,7 @@ def build_panel(args, policy, tokenizer, device):
                 if kind == "judge" and not judge_tokenizer.chat_template:
                     judge_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
                 model = (LM if kind == "judge" else RM).from_pretrained(
-                    arg, dtype=model_dtype(device)).to(device).eval()
+                    arg, dtype=DTYPE[device.type]).to(device).eval()
                 model.config.pad_token_id = judge_tokenizer.pad_token_id
                 cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
                 annotators.append(cls(model, judge_tokenizer, *sizes))
@@ -1082,8 +1150,7 @@ def tiny_review(prompt, gen):
     return " and ".join(clauses) + " ."
 
 def build_tiny(folder, seed=0, steps=600):
-    """Build the tiny policy (word-level tokenizer + 2-layer GPT-2), fit it to random reviews
-    (the warm-up, our stand-in for SFT), save it to `folder` and return it. Offline, ~20 s."""
+    """The tiny pi_0: a word-level 2-layer GPT-2 fine-tuned on random reviews (our SFT). ~20 s."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -1102,34 +1169,26 @@ def build_tiny(folder, seed=0, steps=600):
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
     gen = torch.Generator().manual_seed(seed)
-    prompts = tiny_prompts()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in tqdm(range(steps), desc="warm-up (tiny SFT)", leave=False):
-        batch = [prompts[int(i)] for i in torch.randint(len(prompts), (64,), generator=gen)]
-        prompt_ids = [encode_prompt(tokenizer, p) for p in batch]
-        response_ids = [tokenizer(tiny_review(p, gen), add_special_tokens=False)["input_ids"]
-                        + [tokenizer.eos_token_id] for p in batch]
-        ids, attn, resp = collate(prompt_ids, response_ids, tokenizer.pad_token_id, "cpu")
-        loss = -sequence_logprobs(model, ids, attn, resp).sum() / resp.sum()  # SFT: mean NLL
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    prompts = [tiny_prompts()[int(i)] for i in torch.randint(640, (steps * 64,), generator=gen)]
+    ids = {p: encode_prompt(tokenizer, p) for p in set(prompts)}
+    examples = [(ids[p], tokenizer(tiny_review(p, gen), add_special_tokens=False)["input_ids"]
+                 + [tokenizer.eos_token_id]) for p in prompts]
+    settings = SimpleNamespace(batch_size=64, micro_batch_size=64, warmup_ratio=0.1,
+                               max_grad_norm=1.0, lora_rank=0, gradient_checkpointing=False)
+    sft(model, tokenizer, examples, settings, lr=3e-3, epochs=1)  # the same SFT as --sft
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer
+    publish(folder, model, tokenizer, {})
 
 # --- Runs that stop. Every iteration's folder is written under a temporary name and renamed when
 # complete, so a run killed at any point keeps its complete iterations; --resume continues
 # after the last one with the same random streams (each phase is seeded by its iteration).
 NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device",
-                    "annotator_specs"}
+                    "annotator_specs", "sample_batch"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
 
 def phase_seed(seed, iteration, phase):
-    """Every phase of every iteration gets its own seed, so that its randomness depends neither
-    on the phases before it nor on where a resumed run started (nor on Python's salted hash)."""
+    """A seed per phase and iteration: a resumed run draws what an uninterrupted one would."""
     return (seed * 1_000_003 + iteration * 101 + PHASES[phase]) % 2**31
 
 def write_atomic(path, text):
@@ -1151,8 +1210,7 @@ def run_settings(args):
     return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS}
 
 def check_out(args):
-    """Check that --out can be written and does not mix two runs; change nothing in it yet.
-    Returns the number of complete iterations a --resume skips (0 otherwise)."""
+    """Check --out (writable, not another run's); returns the iterations --resume skips."""
     try:
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, ".write-test"), "")
@@ -1178,8 +1236,7 @@ def check_out(args):
     return complete_iterations(args.out) if args.resume else 0
 
 def claim_out(args):
-    """Once the models are loaded: clear what --overwrite replaces and what a killed run left
-    half-written, and record the run's settings."""
+    """Clear what --overwrite replaces and a killed run left half-written; save the settings."""
     for entry in os.listdir(args.out):
         ours = entry in RUN_FILES or entry.startswith("iteration_")
         if (args.overwrite and ours) or entry.endswith(".tmp"):
@@ -1188,8 +1245,8 @@ def claim_out(args):
     write_atomic(os.path.join(args.out, "config.json"),
                  json.dumps(run_settings(args), indent=1) + "\n")
 
-def save_eval(path, responses, logps):
-    write_atomic(path, json.dumps({"responses": responses, "logps": logps.tolist()}))
+def eval_json(responses, logps):
+    return json.dumps({"responses": responses, "logps": logps.tolist()})
 
 def load_eval(path):
     saved = read_json(path)
@@ -1202,24 +1259,29 @@ def read_json(path):
     with open(path) as f:
         return json.load(f)
 
-def save_iteration(out, t, model, tokenizer, rows, current, current_logps, metrics):
-    """iteration_t/: the model, tokenizer, pairs, held-out samples and metrics, renamed into
-    place when complete; then metrics.jsonl is rewritten from every complete iteration. A full
-    disk (or any write error) removes the half-written folder and leaves the rest intact."""
+def publish(folder, model, tokenizer, files):
+    """Save a model, its tokenizer and `files` ({name: text}) under folder.tmp, then rename it:
+    a folder that exists is complete."""
+    shutil.rmtree(folder + ".tmp", ignore_errors=True)
+    model.save_pretrained(folder + ".tmp")
+    tokenizer.save_pretrained(folder + ".tmp")
+    for name, text in files.items():
+        write_atomic(os.path.join(folder + ".tmp", name), text)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(folder + ".tmp", folder)
+
+def save_iteration(out, t, model, tokenizer, rows, ev, metrics):
+    """iteration_t/ (model, tokenizer, pairs, samples, metrics) and metrics.jsonl; a write
+    error removes the half-written folder and leaves the complete iterations intact."""
     final = os.path.join(out, f"iteration_{t}")
-    tmp = final + ".tmp"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_atomic(os.path.join(tmp, "pairs.jsonl"), "".join(map(jsonl_line, rows)))
-        save_eval(os.path.join(tmp, "eval.json"), current, current_logps)
-        write_atomic(os.path.join(tmp, "metrics.json"), json.dumps(metrics) + "\n")
-        os.replace(tmp, final)
-        metrics_lines = "".join(map(jsonl_line, read_metrics(out)))
-        write_atomic(os.path.join(out, "metrics.jsonl"), metrics_lines)
+        publish(final, model, tokenizer, {
+            "pairs.jsonl": "".join(map(jsonl_line, rows)), "metrics.json": jsonl_line(metrics),
+            "eval.json": eval_json(ev.previous, ev.previous_logps)})
+        metrics_lines = map(jsonl_line, read_metrics(out))
+        write_atomic(os.path.join(out, "metrics.jsonl"), "".join(metrics_lines))
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final + ".tmp", ignore_errors=True)
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         fail(f"writing {final} failed ({e.strerror or e}); the {t - 1} complete iterations "
              f"before it are intact; {'free some space' if full else 'fix that'}, then rerun "
@@ -1231,16 +1293,14 @@ def read_metrics(out):
             for k in range(1, complete_iterations(out) + 1)]
 
 def start_run(args):
-    """Everything the loop needs, after checking every input before anything expensive: the
-    prompt chunks (or given pairs), pi_t (pi_0, or the last complete iteration on --resume),
-    the panel, and pi_0's held-out samples. Returns a namespace; its `start` is the first
-    iteration to run (args.iterations when a resumed run is already complete)."""
+    """Every input checked before anything expensive, then pi_t (pi_0, or the last complete
+    iteration on --resume), the panel and pi_0's held-out samples; `start` is the first t."""
     device = pick_device(args.device)
-    prompts = (read_prompts(args.prompts) if args.prompts
-               else tiny_prompts() if args.model == "tiny" else instruction_prompts())
+    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
     held_out, chunks = split_prompts(prompts, args)
     given = (split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
              if args.pairs else None)
+    conversations = read_conversations(args.sft) if args.sft else None
     start = check_out(args)
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
                                 if k not in ("annotator_specs", "warmup")))
@@ -1253,8 +1313,11 @@ def start_run(args):
         return r
 
     first = args.warmup if args.model == "tiny" else args.model
+    if conversations and not start:
+        first = build_sft(args, device, first, conversations)
     folder = os.path.join(args.out, f"iteration_{start}") if start else first
     model, tokenizer = load_policy(args, device, folder)
+    args.sample_batch = sample_batch(model, args, device)
     panel = build_panel(args, model, tokenizer, device)
     claim_out(args)
 
@@ -1272,8 +1335,8 @@ def start_run(args):
         torch.manual_seed(phase_seed(args.seed, 0, "eval"))
         ev.initial = sample(model, tokenizer, ev.ids, 1, args, "sample pi_0")
         ev.initial_logps = batched_logprobs(model, ev.ids, ev.initial, tokenizer.pad_token_id,
-                                            args.sample_batch_size)
-        save_eval(initial_path, ev.initial, ev.initial_logps)
+                                            args.sample_batch)
+        write_atomic(initial_path, eval_json(ev.initial, ev.initial_logps))
         ev.previous, ev.previous_logps = ev.initial, ev.initial_logps  # pi_t's, log pi_t
     ev.initial_texts = decode(tokenizer, ev.initial)
     reward = panel.reward(ev.initial_texts)
@@ -1283,10 +1346,25 @@ def start_run(args):
                       panel=panel, chunks=chunks, given=given, ev=ev)
     return r
 
+def build_sft(args, device, base, conversations):
+    """pi_0 as the paper makes it: --model fine-tuned on --sft, saved as sft/ in --out and
+    reused while the model, file and SFT settings stay the same (--overwrite keeps it)."""
+    folder, keys = os.path.join(args.out, "sft"), ("model", "sft", "sft_lr", "sft_epochs", "seed")
+    recipe = json.dumps({k: getattr(args, k) for k in keys + ("lora_rank", "max_new_tokens")})
+    if os.path.isfile(os.path.join(folder, "sft.json")):
+        with open(os.path.join(folder, "sft.json")) as f:
+            if f.read() == recipe:
+                return folder
+    model, tokenizer = load_policy(args, device, base)
+    torch.manual_seed(args.seed)
+    examples = sft_examples(tokenizer, conversations, args)
+    sft(model, tokenizer, examples, args, args.sft_lr, args.sft_epochs)
+    publish(folder, model, tokenizer, {"sft.json": recipe})
+    return folder
+
 def finish_iteration(r, t, rows, metrics):
     """Save iteration t + 1 (atomically), record its metrics and print its one line."""
-    save_iteration(r.out, t + 1, r.model, r.tokenizer, rows, r.ev.previous,
-                   r.ev.previous_logps, metrics)
+    save_iteration(r.out, t + 1, r.model, r.tokenizer, rows, r.ev, metrics)
     r.history.append(metrics)
     m = metrics
     print(f"iter {t + 1} | loss {m['loss']:.4f} | mse {m['regression_mse']:.4f} "
@@ -1330,7 +1408,6 @@ def main(argv=None):
                           if m["true_reward"] is not None)
     print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
           + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
-
 
 # =============================================================================================
 # PART III. THE THEORY, CHECKED NUMERICALLY, AND THE LOSSES COMPARED.

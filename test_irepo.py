@@ -727,7 +727,7 @@ def test_paper_presets_run_on_local_folders(llm_dirs, tmp_path, arch, preset):
     assert any(not torch.equal(after[n], before[n]) for n in before if "proj" in n or "fc" in n or "dense" in n)
     assert json.loads((out / "metrics.jsonl").read_text())["pairs"] >= 1
     prompts = [json.loads(line)["prompt"] for line in open(out / "iteration_1" / "pairs.jsonl")]
-    assert set(prompts) <= set(irepo.instruction_prompts())  # real models get real instructions
+    assert set(prompts) <= set(irepo.tiny_prompts())  # without --prompts, the built-in ones
 
 
 def test_presets_follow_the_model_name_and_yield_to_flags():
@@ -743,6 +743,8 @@ def test_presets_follow_the_model_name_and_yield_to_flags():
                              "--no-gradient-checkpointing"])
     assert (args.lr, args.lora_rank, args.gradient_checkpointing) == (1e-5, 0, False)
     assert irepo.parse_args(["--model", "some/folder", "--preset", "mistral-7b"]).batch_size == 8
+    args = irepo.parse_args(["--smoothing", "0.25", "--warmup-ratio", "0", "--lora-alpha", "8"])
+    assert (args.smoothing, args.warmup_ratio, args.lora_alpha) == (0.25, 0.0, 8.0)
 
 
 def test_merged_lora_matches_the_unmerged_adapter():
@@ -952,3 +954,141 @@ def test_compare_writes_a_frontier(warm_tiny, tmp_path, capsys):
                           "win_rate_vs_initial"}
         assert all(math.isfinite(r[k]) for k in ("kl_to_initial", "true_reward", "win_rate_vs_initial"))
     assert "True reward at matched KL" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Real checkpoints: SFT start, end-of-turn stops, the sample batch sized to the GPU.
+# ---------------------------------------------------------------------------------------------
+
+def chatml_model_stopping_at_im_end(bias):
+    """A tiny Llama whose tokenizer has '<|im_end|>' as an ordinary added token and a ChatML
+    template, and whose head adds `bias` to that token's logit at every step."""
+    tok = word_tokenizer(LLM_WORDS)
+    tok.add_tokens(["<|im_end|>"])
+    tok.chat_template = irepo.CHAT_TEMPLATES["chatml"]
+    model = tiny_causal_lm("llama", vocab_size=len(tok))
+    head = torch.nn.Linear(32, len(tok), bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tok.convert_tokens_to_ids("<|im_end|>")] = bias
+    model.lm_head = head
+    return model, tok
+
+
+def test_generation_stops_at_the_end_of_turn_marker():
+    """With ChatML, sampling stops at '<|im_end|>' (here an ordinary token the head makes likely
+    at every step): every response that holds it ends with it, nothing after; the texts that
+    annotators see leave it out. Without the marker (no ChatML template) the same model runs
+    past it. Seeded: with P(<|im_end|>) about 0.2 a step, 20 steps without it happen to a
+    response with probability about 0.01, so 'most stop early' cannot fail by chance."""
+    model, tok = chatml_model_stopping_at_im_end(bias=3.0)
+    marker = tok.convert_tokens_to_ids("<|im_end|>")
+    args = irepo.parse_args(["--max-new-tokens", "20", "--temperature", "1.0"])
+    args.sample_batch = 8
+    prompts = [irepo.encode_prompt(tok, p) for p in irepo.tiny_prompts()[:8]]
+    torch.manual_seed(0)
+    responses = irepo.sample(model, tok, prompts, 4, args, "test")
+    assert len(responses) == 32
+    stopped = [r for r in responses if marker in r]
+    assert len(stopped) >= 28
+    assert all(r.index(marker) == len(r) - 1 for r in stopped)  # the marker kept, nothing after
+    assert not any("<|im_end|>" in t for t in irepo.decode(tok, responses))
+    tok.chat_template = irepo.CHAT_TEMPLATES["tiny"]  # a format without the marker
+    torch.manual_seed(0)
+    runaway = irepo.sample(model, tok, prompts, 4, args, "test")
+    assert sum(r.count(marker) > 1 for r in runaway) >= 16  # it runs on past the marker
+
+
+def test_kv_cache_and_auto_sample_batch_for_the_paper_models():
+    """The KV cache of one token is 2 (K, V) x layers x KV heads x head dim x 2 bytes (bf16):
+    Phi-2 2*32*32*80*2 = 327,680 B, Mistral-7B (8 KV heads) 2*32*8*128*2 = 131,072 B. With
+    512 + 256 tokens and K = 4, a prompt needs 0.9375 GiB (Phi-2) or 0.375 GiB (Mistral); half
+    of 80 GiB free holds 42 and 106 prompts."""
+    from transformers import MistralConfig, PhiConfig
+    phi = PhiConfig(vocab_size=51200, hidden_size=2560, intermediate_size=10240,
+                    num_hidden_layers=32, num_attention_heads=32)
+    mistral = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8)
+    assert irepo.kv_cache_bytes(phi, 1) == 327_680
+    assert irepo.kv_cache_bytes(mistral, 1) == 131_072
+    args = irepo.parse_args(["--model", "microsoft/phi-2"])
+    assert args.sample_batch_size == "auto"
+    cuda = torch.device("cuda")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 141 * 2**30))
+        for config, want in ((phi, 42), (mistral, 106)):
+            model = irepo.SimpleNamespace(config=config, dtype=torch.bfloat16)
+            assert irepo.sample_batch(model, args, cuda) == want
+    assert irepo.sample_batch(model, args, torch.device("cpu")) == 16  # CPU: the old preset value
+    assert irepo.parse_args(["--sample-batch-size", "7"]).sample_batch_size == 7
+
+
+def test_sft_examples_train_on_assistant_turns_only():
+    """Each assistant turn that follows a user turn is one example: the conversation before it
+    in the chat template is the prompt (no loss), the turn plus the end-of-turn marker is the
+    response (the loss); a system turn or a reply-less user turn makes none."""
+    _, tok = chatml_model_stopping_at_im_end(bias=0.0)
+    chat = [{"role": "system", "content": "the"}, {"role": "user", "content": "review the hotel"},
+            {"role": "assistant", "content": "the hotel was good"},
+            {"role": "user", "content": "review the car"},
+            {"role": "assistant", "content": "the car was dull"}, {"role": "user", "content": "and"}]
+    args = irepo.parse_args(["--max-new-tokens", "20"])
+    examples = irepo.sft_examples(tok, [chat], args)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert len(examples) == 2
+    for (prompt, response), upto, answer in zip(examples, (2, 4), ("the hotel was good", "the car was dull")):
+        assert prompt == irepo.encode_prompt(tok, chat[:upto])
+        assert response == tok(answer, add_special_tokens=False)["input_ids"] + [im_end]
+
+
+def test_sft_makes_pi_0_and_is_reused(llm_dirs, tmp_path):
+    """--sft FILE fine-tunes --model (the preset's LoRA, merged) into out/sft/, a loadable
+    folder whose weights moved; the iterations start from it; a rerun with --overwrite and the
+    same settings reuses it. A base model without --sft gets a one-line warning."""
+    from transformers import AutoModelForCausalLM
+    conversations = tmp_path / "chat.jsonl"
+    conversations.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": p}, {"role": "assistant", "content": "the hotel was good ."}]}) + "\n"
+        for p in irepo.tiny_prompts()[:8]))
+    out = tmp_path / "run"
+    argv = ["--model", llm_dirs["mistral"], "--preset", "mistral-7b", "--annotators", "sim",
+            "--out", str(out), "--sft", str(conversations), "--sft-lr", "1e-2", *LLM_SMALL]
+    proc = cli(*argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning:" not in proc.stdout
+    base = AutoModelForCausalLM.from_pretrained(llm_dirs["mistral"]).state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(out / "sft").state_dict()
+    assert set(sft) == set(base) and any(not torch.equal(sft[n], base[n]) for n in base)
+    stamp = (out / "sft" / "model.safetensors").stat().st_mtime_ns
+    proc = cli(*argv, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not redone
+    proc = cli("--model", llm_dirs["mistral"], "--preset", "mistral-7b", "--annotators", "sim",
+               "--out", str(tmp_path / "base"), *LLM_SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum("warning:" in line and "no chat template" in line and "--sft" in line
+               for line in proc.stdout.splitlines()) == 1
+
+
+def test_bad_sft_files_stop_before_any_model_is_loaded(tmp_path):
+    """A missing, empty, non-UTF-8 or malformed --sft file stops with one line naming the file,
+    line and field, exit 2, before --out is touched or any model loaded."""
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    cases = {
+        "missing.jsonl": (None, "--sft {path}: no such file"),
+        "empty.jsonl": ("\n", "--sft {path}: the file holds no conversation"),
+        "latin1.jsonl": (b"\xe9t\xe9\n", "--sft {path}: not UTF-8 text"),
+        "broken.jsonl": (json.dumps(good) + "\n{not json\n", "{path}:2: malformed JSON"),
+        "field.jsonl": ('{"text": "hi"}\n', "{path}:1: field 'messages' must be a list"),
+        "noreply.jsonl": (json.dumps({"messages": good["messages"][:1]}) + "\n",
+                          "{path}:1: field 'messages' has no assistant turn after a user turn"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        assert_main_stops(["--sft", str(path), "--out", str(tmp_path / "out")], message.format(path=path))
+        assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ the real architectures (the published config sizes), saved to a temporary folder
 word-level tokenizer as large as the vocabulary. Each runs one iteration of its preset (LoRA,
 gradient checkpointing, bf16, SDPA) on a few prompts with simulated annotators, then this
 script prints sampling tokens/s, training tokens/s, the share of the card's peak bf16 FLOP/s
-reached in training, and peak GPU memory.
+reached in training, peak GPU memory, and the sample batch that --sample-batch-size auto chose.
 
     python .ci/gpu_check.py                 # on a GPU machine, about 10 minutes
     python .ci/gpu_check.py --scale tiny    # the same code path on a CPU, in a minute
@@ -96,7 +96,9 @@ def main():
                 train_tokens_per_s=round(m["train_tokens_per_s"]),
                 mfu=round(achieved / peak, 3) if peak else None,
                 peak_memory_gb=round(m["peak_memory_mb"] / 1024, 1),
-                seconds_sample=round(m["seconds_sample"], 1), seconds_train=round(m["seconds_train"], 1))
+                seconds_sample=round(m["seconds_sample"], 1), seconds_train=round(m["seconds_train"], 1),
+                sample_batch=next((line.split()[2] for line in proc.stdout.splitlines()
+                                   if line.startswith("sample batch:")), "16 (not auto: no GPU)"))
             print(f"{preset}: {json.dumps(results[preset])}", flush=True)
     print(json.dumps({"device": card, "results": results}, indent=1))
 
