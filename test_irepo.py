@@ -1088,3 +1088,34 @@ def test_bad_sft_files_stop_before_any_model_is_loaded(tmp_path):
                           "{path}:1: field 'messages' has no assistant turn after a user turn"),
     }
     assert_bad_files_stop(tmp_path, "--sft", cases)
+
+
+def test_a_marker_of_several_tokens_is_cut_after_its_text():
+    """When '<|im_end|>' is several tokens (a byte-level BPE, as Phi-2's base tokenizer), sample()
+    asks generate() to stop at the string and keeps the shortest prefix whose text holds it:
+    the response ends with the marker, nothing after. generate() is replaced by a fixed
+    continuation that runs on into an invented next turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(irepo.tiny_prompts(), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<pad>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    tok.chat_template = irepo.CHAT_TEMPLATES["chatml"]
+    assert len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) > 1
+    tail = tok("the hotel was good<|im_end|>\n<|im_start|>user\nreview the car", add_special_tokens=False)["input_ids"]
+    seen = {}
+
+    def generate(input_ids, num_return_sequences, **kwargs):
+        seen.update(kwargs)
+        rows = input_ids.repeat_interleave(num_return_sequences, 0)
+        return torch.cat([rows, torch.tensor([tail]).expand(len(rows), -1)], 1)
+    model = irepo.SimpleNamespace(device="cpu", generate=generate)
+    args = irepo.parse_args(["--max-new-tokens", "40"])
+    args.sample_batch = 4
+    responses = irepo.sample(model, tok, [irepo.encode_prompt(tok, "review the hotel")] * 2, 2, args, "test")
+    assert seen["stop_strings"] == ["<|im_end|>"]
+    assert [tok.decode(r) for r in responses] == ["the hotel was good<|im_end|>"] * 4
+    assert irepo.decode(tok, responses) == ["the hotel was good"] * 4
