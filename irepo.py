@@ -21,8 +21,8 @@ Run it:
   python irepo.py --loss dpo           # the same with DPO on the majority vote (or --loss ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
   python irepo.py --compare            # reward-KL frontier of irepo, dpo and ipo, ~2.5 minutes
-  python irepo.py --model microsoft/phi-2 --prompts ultrafeedback_prompts.jsonl       # GPU
-  python irepo.py --model mistralai/Mistral-7B-v0.1 --prompts ultrafeedback_prompts.jsonl
+  python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl --prompts uf.jsonl       # GPU
+  python irepo.py --model mistralai/Mistral-7B-v0.1 --sft ultrachat.jsonl --prompts uf.jsonl
   python -m pytest -q test_irepo.py    # the tests
 
 Deliberate deviations from the paper (the README explains each):
