@@ -1291,11 +1291,12 @@ def start_run(args):
         print(f"all {start} iterations are complete in {args.out}/")
         return r
 
-    first = args.warmup if args.model == "tiny" else args.model
-    if conversations and not start:
-        first = build_sft(args, device, first, conversations)
-    folder = os.path.join(args.out, f"iteration_{start}") if start else first
-    model, tokenizer = load_policy(args, device, folder)
+    base = args.warmup if args.model == "tiny" else args.model
+    if start:
+        model, tokenizer = load_policy(args, device, os.path.join(args.out, f"iteration_{start}"))
+    else:
+        model, tokenizer = (build_sft(args, device, base, conversations) if conversations
+                            else load_policy(args, device, base))
     args.sample_batch = sample_batch(model, args, device)
     panel = build_panel(args, model, tokenizer, device)
     claim_out(args)
@@ -1325,21 +1326,23 @@ def start_run(args):
                       panel=panel, chunks=chunks, given=given, ev=ev)
     return r
 
+SFT_SETTINGS = ("model", "sft", "sft_lr", "sft_epochs", "seed", "lora_rank", "lora_alpha",
+                "lora_targets", "batch_size", "micro_batch_size", "warmup_ratio", "max_grad_norm",
+                "max_prompt_tokens", "max_new_tokens", "chat_format")
+
 def build_sft(args, device, base, conversations):
     """pi_0 as the paper makes it: --model fine-tuned on --sft, saved as sft/ in --out and
-    reused while the model, file and SFT settings stay the same (--overwrite keeps it)."""
-    folder, keys = os.path.join(args.out, "sft"), ("model", "sft", "sft_lr", "sft_epochs", "seed")
-    recipe = json.dumps({k: getattr(args, k) for k in keys + ("lora_rank", "max_new_tokens")})
-    if os.path.isfile(os.path.join(folder, "sft.json")):
-        with open(os.path.join(folder, "sft.json")) as f:
-            if f.read() == recipe:
-                return folder
+    reused while every setting the SFT reads stays the same (--overwrite keeps it)."""
+    folder, recipe = os.path.join(args.out, "sft"), {k: getattr(args, k) for k in SFT_SETTINGS}
+    made = os.path.join(folder, "sft.json")
+    if os.path.isfile(made) and read_json(made) == recipe:
+        return load_policy(args, device, folder)
     model, tokenizer = load_policy(args, device, base)
     torch.manual_seed(args.seed)
-    examples = sft_examples(tokenizer, conversations, args)
-    sft(model, tokenizer, examples, args, args.sft_lr, args.sft_epochs)
-    publish(folder, model, tokenizer, {"sft.json": recipe})
-    return folder
+    sft(model, tokenizer, sft_examples(tokenizer, conversations, args), args, args.sft_lr,
+        args.sft_epochs)
+    publish(folder, model, tokenizer, {"sft.json": json.dumps(recipe)})
+    return model, tokenizer  # trained in memory: the saved copy need not be loaded again
 
 def finish_iteration(r, t, rows, metrics):
     """Save iteration t + 1 (atomically), record its metrics and print its one line."""

@@ -1048,7 +1048,8 @@ def test_sft_examples_train_on_assistant_turns_only():
 def test_sft_makes_pi_0_and_is_reused(llm_dirs, tmp_path):
     """--sft FILE fine-tunes --model (the preset's LoRA, merged) into out/sft/, a loadable
     folder whose weights moved; the iterations start from it; a rerun with --overwrite and the
-    same settings reuses it. A base model without --sft gets a one-line warning."""
+    same settings reuses it, and one with another SFT setting redoes it. A base model without
+    --sft gets a one-line warning."""
     from transformers import AutoModelForCausalLM
     conversations = tmp_path / "chat.jsonl"
     conversations.write_text("".join(json.dumps({"messages": [
@@ -1067,6 +1068,9 @@ def test_sft_makes_pi_0_and_is_reused(llm_dirs, tmp_path):
     proc = cli(*argv, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "sft" / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not redone
+    proc = cli(*argv, "--overwrite", "--sft-epochs", "2")  # another recipe: the SFT is redone
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "sft" / "model.safetensors").stat().st_mtime_ns != stamp
     proc = cli("--model", llm_dirs["mistral"], "--preset", "mistral-7b", "--annotators", "sim",
                "--out", str(tmp_path / "base"), *LLM_SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
