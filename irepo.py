@@ -71,7 +71,7 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     iterations=(int, ">= 1", 3, "T, the number of iterations (fresh prompts each)"),
     num_responses=(int, ">= 2 (a pair needs two responses)", 4, "K, responses per prompt"),
     num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
-    annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL', 'human'"),
+    annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL', 'self'"),
     beta=(float, "> 0", 1.0, "beta, the KL strength in r = beta*log(pi/pi_ref)"),
     smoothing=(float, "> 0 (a unanimous panel's logit is infinite)", 0.5, "votes added to p_hat"),
     sharpness=(float, ">= 0", 1.0, "s in the simulated votes sigma(s*(r_a - r_b))"),
@@ -173,7 +173,6 @@ def ipo_loss(logratio_a, logratio_b, target_logit, beta):
     i.e. IPO's (h - 1/(2 beta))^2 times beta^2, so that one learning rate serves all losses."""
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
-
 
 LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
 
@@ -298,20 +297,18 @@ def decode(tokenizer, responses):
     return [(t.split(marker)[0] if marker else t).strip() for t in texts]
 
 # --- Annotators (step 2). Every annotator answers, for each pair (a, b), n_annotators values in
-# [0, 1]: a vote or a probability that a is better than b, or nan for no answer. A panel
-# stacks its annotators' answers. Part II adds an LLM judge, a reward model and a person.
+# [0, 1]: a vote or a probability that a is better than b. A panel stacks its annotators'
+# answers. Part II adds an LLM judge and a reward model; people's votes come in with --pairs.
 class Annotator:
     """The protocol. compare() is required; reward() is the true reward of each text where the
     annotator knows it (only the simulated one does), else None."""
     n_annotators = 1  # answers per pair
-    interactive = False  # a person: not asked the many held-out comparisons of evaluation
 
     def compare(self, prompts, texts_a, texts_b):  # -> (P, n_annotators)
         raise NotImplementedError
 
     def reward(self, texts):  # -> (P,) or None
         return None
-
 
 POSITIVE = "great good lovely wonderful fun amazing".split()
 NEGATIVE = "bad awful boring terrible dull poor".split()
@@ -337,16 +334,13 @@ class SimulatedAnnotators(Annotator):
         return hidden_rewards(texts)
 
 class Panel:
-    """The annotators together. compare() stacks their answers into (P, N); with
-    evaluation=True, people are not asked (the held-out comparisons are many)."""
+    """The annotators together: compare() stacks their answers into (P, N)."""
 
     def __init__(self, annotators, gen):
         self.annotators, self.gen = annotators, gen
 
-    def compare(self, prompts, texts_a, texts_b, evaluation=False):
-        answers = [a.compare(prompts, texts_a, texts_b) for a in self.annotators
-                   if not (evaluation and a.interactive)]
-        return torch.cat(answers, 1) if answers else torch.full((len(prompts), 0), float("nan"))
+    def compare(self, prompts, texts_a, texts_b):
+        return torch.cat([a.compare(prompts, texts_a, texts_b) for a in self.annotators], 1)
 
     def reward(self, texts):
         """The true reward, from the first annotator that knows it; None if none does."""
@@ -355,27 +349,25 @@ class Panel:
 # --- Steps 1-4 of one iteration: sample, annotate, rank, label.
 def annotate(panel, prompts, texts, k, smoothing):
     """Steps 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
-    them; the best-vs-worst pair and its soft label are kept. Answers that are nan (a person's
-    skip) count for neither side. Returns a list of dicts (one per prompt) with best, worst
-    (indices among the k), votes_a, n_annotators (the answers on that pair), p_hat, target."""
+    them; the best-vs-worst pair and its soft label are kept. Returns a list of dicts (one per
+    prompt) with best, worst (indices among the k), votes_a, n_annotators, p_hat, target."""
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     flat = [(prompt_text(prompt), texts[q * k + i], texts[q * k + j])
             for q, prompt in enumerate(prompts) for i, j in pairs]
     answers = panel.compare(*map(list, zip(*flat)))  # (prompts * pairs, N)
-    votes = answers.nan_to_num(0.0).sum(-1).view(len(prompts), len(pairs))  # for a
-    counts = (~answers.isnan()).sum(-1).float().view(len(prompts), len(pairs))
-    wins, games = torch.zeros(len(prompts), k, k), torch.zeros(len(prompts), k, k)
+    n = answers.shape[1]
+    votes = answers.sum(-1).view(len(prompts), len(pairs))  # for a
+    wins = torch.zeros(len(prompts), k, k)
     for m, (i, j) in enumerate(pairs):
-        wins[:, i, j], wins[:, j, i] = votes[:, m], counts[:, m] - votes[:, m]
-        games[:, i, j] = games[:, j, i] = counts[:, m]
+        wins[:, i, j], wins[:, j, i] = votes[:, m], n - votes[:, m]
     scores = zermelo_scores(wins)  # (prompts, k)
     best, worst = scores.argmax(-1), scores.argmin(-1)
     rows = torch.arange(len(prompts))
-    votes_best, n_best = wins[rows, best, worst], games[rows, best, worst]
-    p_hat = empirical_preference(votes_best, n_best, smoothing)  # step 4: the soft label
+    votes_best = wins[rows, best, worst]
+    p_hat = empirical_preference(votes_best, n, smoothing)  # step 4: the soft label
     target = preference_logit(p_hat)
     return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
-                 n_annotators=int(n_best[q]), p_hat=float(p_hat[q]),
+                 n_annotators=n, p_hat=float(p_hat[q]),
                  target_logit=float(target[q]), scores=[round(float(s), 4) for s in scores[q]])
             for q in range(len(prompts))]
 
@@ -403,8 +395,8 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args):
     rows, skipped = [], 0
     for q, label in enumerate(annotate(panel, chunk, texts, k, args.smoothing)):
         a, b = q * k + label["best"], q * k + label["worst"]
-        if degenerate(texts[a], texts[b]) or label["n_annotators"] == 0:
-            skipped += 1  # nothing to learn: equal or empty responses, or no answer at all
+        if degenerate(texts[a], texts[b]):
+            skipped += 1  # nothing to learn: equal or empty responses
             continue
         rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **label,
                          prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
@@ -519,7 +511,7 @@ def evaluate(model, tokenizer, panel, ev, t, args):
     panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
     current = sample(model, tokenizer, ev.ids, 1, args, f"iter {t + 1} eval")
     ev.texts = decode(tokenizer, current)
-    win_rate = panel.compare(ev.prompts, ev.texts, ev.initial_texts, evaluation=True).nanmean()
+    win_rate = panel.compare(ev.prompts, ev.texts, ev.initial_texts).mean()
     true_reward = panel.reward(ev.texts)
     # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
     # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
@@ -628,7 +620,7 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0, help="seeds every random stream")
     a("--theory", action="store_true", help="print numerical checks of the paper's theory, exit")
     a("--compare", action="store_true", help="reward-KL frontier of irepo, dpo and ipo")
-    a("--device", help="cuda, mps or cpu (default: the first available)")
+    a("--device", help="cuda or cpu (default: cuda if there is a GPU)")
     for name, (kind, rule, default, meaning) in SETTINGS.items():  # None: the preset's value
         flag = "--" + name.replace("_", "-")
         if kind is bool:
@@ -671,16 +663,14 @@ def load_error(label, name, error, hint):
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     fail(f"{label}: cannot be loaded ({why}; {first_line}); {hint}")
 
-DTYPE = {"cuda": torch.bfloat16, "mps": torch.float32, "cpu": torch.float32}
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
 def pick_device(name=None):
-    """The device; weights are bf16 on CUDA and fp32 elsewhere (DTYPE)."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
-                 "cpu": True}
-    if name and not available.get(name.split(":")[0]):
-        fail(f"--device {name}: not available here; use one of "
-             + ", ".join(d for d, ok in available.items() if ok))
-    return torch.device(name or next(d for d, ok in available.items() if ok))
+    """CUDA if there is a GPU, else the CPU; weights are bf16 on CUDA and fp32 on the CPU."""
+    gpu = torch.cuda.is_available()
+    if name and not (name == "cpu" or name.startswith("cuda") and gpu):
+        fail(f"--device {name}: not available here; use {'cuda or cpu' if gpu else 'cpu'}")
+    return torch.device(name or ("cuda" if gpu else "cpu"))
 
 def kv_cache_bytes(config, tokens, dtype_bytes=2):
     """The KV cache of one sequence of `tokens` tokens: K and V in every layer, in bytes."""
@@ -976,7 +966,6 @@ def merge_lora(model):
 #   judge:MODEL  a causal LM asked which response is better, in both orders
 #   self         the policy itself as that judge (self-alignment)
 #   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
-#   human        a person at the terminal, answering a, b or skip
 def parse_annotators(spec, n_sim):
     """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed."""
     kinds = []
@@ -987,13 +976,15 @@ def parse_annotators(spec, n_sim):
         elif kind in ("judge", "rm") and arg:
             check_model(f"--annotators {kind}:{arg}", arg)
             kinds.append((kind, arg))
-        elif kind in ("self", "human") and not arg:
+        elif kind == "self" and not arg:
             kinds.append((kind, None))
+        elif kind == "human":
+            fail(f"--annotators {spec}: people are not asked at the terminal; collect their votes "
+                 "and give the pairs with --pairs (votes_a, n_annotators per pair)")
         else:
             fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL, "
-                 "rm:MODEL, self or human, separated by commas")
+                 "rm:MODEL or self, separated by commas")
     return kinds
-
 
 JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
                   "Response A:\n{a}\n\nResponse B:\n{b}\n\nAnswer with a single letter, A or B.")
@@ -1030,10 +1021,9 @@ class JudgeAnnotator(ModelAnnotator):
             out.append(torch.sigmoid(score_a - score_b).cpu())
         return torch.cat(out)
 
-    def compare(self, prompts, texts_a, texts_b):
-        both = (self.p_first(prompts, texts_a, texts_b)
-                + 1 - self.p_first(prompts, texts_b, texts_a)) / 2
-        return both[:, None]
+    def compare(self, prompts, texts_a, texts_b):  # both orders in one batched pass
+        p = self.p_first(prompts * 2, texts_a + texts_b, texts_b + texts_a)
+        return ((p[:len(prompts)] + 1 - p[len(prompts):]) / 2)[:, None]
 
 class RewardModelAnnotator(ModelAnnotator):
     """A scalar reward model scores each distinct response once; p(a > b) = sigma(r_a - r_b)."""
@@ -1059,23 +1049,6 @@ class RewardModelAnnotator(ModelAnnotator):
         r_a, r_b = (torch.tensor([score[k] for k in zip(prompts, t)]) for t in (texts_a, texts_b))
         return torch.sigmoid(r_a - r_b)[:, None]
 
-class HumanAnnotator(Annotator):
-    """A person at the terminal: shown the prompt and both responses, answers a, b or skip."""
-    interactive = True
-
-    def compare(self, prompts, texts_a, texts_b):
-        answers = []
-        for q, a, b in zip(prompts, texts_a, texts_b):
-            print(f"\n--- prompt ---\n{q}\n--- response a ---\n{a}\n--- response b ---\n{b}")
-            answer = ""
-            while answer not in ("a", "b", "skip"):
-                try:
-                    answer = input("Which is better? [a/b/skip] ").strip().lower()
-                except EOFError:
-                    fail("--annotators human: the input ended before every pair was answered")
-            answers.append({"a": 1.0, "b": 0.0, "skip": float("nan")}[answer])
-        return torch.tensor(answers)[:, None]
-
 def build_panel(args, policy, tokenizer, device):
     """Load every annotator of --annotators; one that cannot be loaded stops the run."""
     from transformers import AutoModelForCausalLM as LM, AutoTokenizer
@@ -1097,7 +1070,6 @@ def build_panel(args, policy, tokenizer, device):
                 annotators.append(cls(model, tok, *sizes))
             else:
                 annotators.append(SimulatedAnnotators(arg, args.sharpness, gen) if kind == "sim"
-                                  else HumanAnnotator() if kind == "human"
                                   else JudgeAnnotator(policy, tokenizer, *sizes))
         except (OSError, ValueError, ImportError) as e:
             load_error(f"--annotators {kind}{':' + arg if arg else ''}", arg or "", e,
@@ -1611,11 +1583,6 @@ def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
                 rows += [dict(loss=loss, beta=beta, seed=s, **{k: m[k] for k in keys})
                          for m in run(sub)]
     write_atomic(os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
-    print(f"\n{'loss':<6} {'beta':>5} {'seed':>4} {'iter':>4} {'KL(pi_0||pi_t)':>15} "
-          f"{'true reward':>12} {'win vs pi_0':>12}")
-    for r in rows:
-        print(("{loss:<6} {beta:>5} {seed:>4} {iteration:>4} {kl_to_initial:>15.3f} "
-               "{true_reward:>12.3f} {win_rate_vs_initial:>12.3f}").format(**r))
     runs = {(r["loss"], r["seed"]) for r in rows}
     low, high = (f(g(r["kl_to_initial"] for r in rows if (r["loss"], r["seed"]) == run)
                    for run in runs) for f, g in ((max, min), (min, max)))

@@ -267,6 +267,8 @@ BAD_INPUTS = [
     (["--loss", "kto"], "argument --loss: invalid choice"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "not available here"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--annotators", "human"], "--annotators human: people are not asked at the terminal; collect their votes"),
+    (["--annotators", "sim,human:3"], "--annotators sim,human:3: people are not asked"),
 ]
 
 
@@ -856,27 +858,6 @@ def test_self_judge_mixed_with_simulated(warm_tiny, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(p["n_annotators"] == 4 for p in saved_pairs(out))
     assert json.loads((out / "metrics.jsonl").read_text())["true_reward"] is not None
-
-
-def test_human_annotator_with_scripted_input(warm_tiny, tmp_path):
-    """'human' shows each pair and reads a, b or skip: a and b each make one answer for the
-    winner (p_hat = 1.5 / 2); a skip leaves the pair without answers, so it is skipped. People
-    are not asked the held-out comparisons, so the win-rate is unknown (NaN)."""
-    out = tmp_path / "run"
-    os.makedirs(out)
-    shutil.copytree(warm_tiny, out / "warmup")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    argv = [sys.executable, os.path.join(HERE, "irepo.py"), "--out", str(out), "--annotators", "human",
-            "--num-responses", "2", "--iterations", "1", "--prompts-per-iteration", "3", "--eval-prompts", "8",
-            "--eval-samples", "1", "--temperature", "3.0"]
-    proc = subprocess.run(argv, input="maybe\na\nb\nskip\n", capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("Which is better? [a/b/skip]") == 4  # 'maybe' is asked again
-    pairs = saved_pairs(out)
-    row = json.loads((out / "metrics.jsonl").read_text())
-    assert row["skipped_pairs"] >= 1 and len(pairs) + row["skipped_pairs"] == 3
-    assert all(p["n_annotators"] == 1 and p["votes_a"] == 1 and p["p_hat"] == 0.75 for p in pairs)
-    assert math.isnan(row["win_rate_vs_initial"])
 
 
 def test_models_and_annotators_that_cannot_be_loaded(warm_tiny, tmp_path):
