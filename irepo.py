@@ -41,6 +41,7 @@ Deliberate deviations from the paper (the README explains each):
 
 import contextlib
 import errno
+import functools
 import json
 import math
 import operator
@@ -55,6 +56,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -233,12 +235,12 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
 
 @torch.no_grad()  # frozen: the reference pi_t and every evaluation
 def batched_logprobs(model, prompt_ids, response_ids, pad_id, batch_size):
-    out = []
+    prompt_ids, response_ids, out = shard(prompt_ids), shard(response_ids), []  # see shard()
     for i in range(0, len(prompt_ids), batch_size):
         batch = collate(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size], pad_id,
                         model.device)
-        out.append(sequence_logprobs(model, *batch))
-    return torch.cat(out).cpu()
+        out += sequence_logprobs(model, *batch).tolist()
+    return torch.tensor(gather(out))
 
 # --- Sampling (step 1): K responses per prompt from the current policy, batched.
 def as_messages(prompt):
@@ -268,7 +270,7 @@ def sample(model, tokenizer, prompt_ids, k, args, desc):
     eos, pad, marker = tokenizer.eos_token_id, tokenizer.pad_token_id, end_of_turn(tokenizer)
     marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     stops = [eos] + marker_ids[-1:] if len(marker_ids) == 1 else [eos]  # single tokens
-    responses, size = [], args.sample_batch
+    responses, size, prompt_ids = [], args.sample_batch, shard(prompt_ids)  # see shard()
     for i in tqdm(range(0, len(prompt_ids), size), desc=desc, leave=False):
         ids, attn = left_pad(prompt_ids[i:i + size], pad, model.device)
         # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature);
@@ -288,7 +290,7 @@ def sample(model, tokenizer, prompt_ids, k, args, desc):
                     low, high = (low, mid) if found else (mid + 1, high)
                 end = low
             responses.append(row[:end])
-    return responses
+    return gather(responses, k)
 
 def decode(tokenizer, responses):
     """The texts annotators see: special tokens and the end-of-turn marker left out."""
@@ -334,13 +336,16 @@ class SimulatedAnnotators(Annotator):
         return hidden_rewards(texts)
 
 class Panel:
-    """The annotators together: compare() stacks their answers into (P, N)."""
+    """The annotators together: compare() stacks their answers into (P, N), asking about
+    `group` consecutive pairs (a prompt's) at a time in each process (see shard())."""
 
     def __init__(self, annotators, gen):
         self.annotators, self.gen = annotators, gen
 
-    def compare(self, prompts, texts_a, texts_b):
-        return torch.cat([a.compare(prompts, texts_a, texts_b) for a in self.annotators], 1)
+    def compare(self, prompts, texts_a, texts_b, group=1):
+        mine = [shard(x, group) for x in (prompts, texts_a, texts_b)]
+        answers = [a.compare(*mine) for a in self.annotators] if mine[0] else []
+        return torch.tensor(gather(torch.cat(answers, 1).tolist() if answers else [], group))
 
     def reward(self, texts):
         """The true reward, from the first annotator that knows it; None if none does."""
@@ -354,7 +359,7 @@ def annotate(panel, prompts, texts, k, smoothing):
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
     flat = [(prompt_text(prompt), texts[q * k + i], texts[q * k + j])
             for q, prompt in enumerate(prompts) for i, j in pairs]
-    answers = panel.compare(*map(list, zip(*flat)))  # (prompts * pairs, N)
+    answers = panel.compare(*map(list, zip(*flat)), group=len(pairs))  # (prompts * pairs, N)
     n = answers.shape[1]
     votes = answers.sum(-1).view(len(prompts), len(pairs))  # for a
     wins = torch.zeros(len(prompts), k, k)
@@ -444,9 +449,12 @@ def fit(params, n, micro_loss, args, lr, epochs, desc):
     """The one training loop (step 6, and the SFT that makes pi_0): Adam, cosine schedule with
     linear warm-up, gradient clipping. Each epoch visits the n items in random order,
     --batch-size per optimizer step, accumulating --micro-batch-size at a time; micro_loss(idx,
-    epoch) returns the summed loss of those items."""
+    epoch) returns the summed loss of those items. With many processes each takes its share of every
+    batch, and their gradients are summed: every process takes the very same step."""
     from transformers import get_cosine_schedule_with_warmup
     opt = torch.optim.Adam(params, lr=lr)
+    for p in params:  # zeros, not None: a process whose share of a batch is empty adds zeros
+        p.grad = torch.zeros_like(p)
     steps = math.ceil(n / args.batch_size) * epochs
     sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
     with tqdm(total=steps, desc=desc, leave=False) as bar:  # closed on errors too
@@ -454,43 +462,47 @@ def fit(params, n, micro_loss, args, lr, epochs, desc):
             order = torch.randperm(n)
             for start in range(0, n, args.batch_size):
                 batch = order[start:start + args.batch_size]
-                for m in range(0, len(batch), args.micro_batch_size):
-                    loss = micro_loss(batch[m:m + args.micro_batch_size].tolist(), epoch)
-                    (loss / len(batch)).backward()
+                mine = shard(batch.tolist())
+                for m in range(0, len(mine), args.micro_batch_size):
+                    loss = micro_loss(mine[m:m + args.micro_batch_size], epoch)
+                    (loss / len(batch)).backward()  # the whole batch's mean, once summed
+                total(p.grad for p in params)
                 norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise FloatingPointError(f"the gradient became non-finite in epoch {epoch + 1}")
                 opt.step()
                 sched.step()
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad(set_to_none=False)
                 bar.update()
+    opt.zero_grad(set_to_none=True)  # frees the gradients' memory
 
 def train(model, rows, ref_a, ref_b, pad, args):
     """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed;
     the model becomes pi_{t+1}. Returns the last epoch's diagnostics, and tokens seen."""
     loss_fn, target = LOSSES[args.loss], torch.tensor([r["target_logit"] for r in rows])
-    h_all, loss_all, tokens = torch.zeros(len(rows)), torch.zeros(len(rows)), [0]
+    h_all, loss_all = torch.zeros(len(rows)), torch.zeros(len(rows))
 
     def micro_loss(idx, epoch):
         # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
         prompt_ids = [rows[i]["prompt_ids"] for i in idx] * 2
         response_ids = [rows[i]["a_ids"] for i in idx] + [rows[i]["b_ids"] for i in idx]
-        ids, attn, resp = collate(prompt_ids, response_ids, pad, model.device)
-        logps_a, logps_b = sequence_logprobs(model, ids, attn, resp).cpu().split(len(idx))
+        batch = collate(prompt_ids, response_ids, pad, model.device)
+        logps_a, logps_b = sequence_logprobs(model, *batch).cpu().split(len(idx))
         logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
         losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
-        if not torch.isfinite(losses).all():
-            raise FloatingPointError(f"the loss became non-finite in epoch {epoch + 1}")
-        h_all[idx] = args.beta * (logratio_a - logratio_b).detach()  # the last epoch's stay
-        loss_all[idx] = losses.detach()
-        tokens[0] += int(attn.sum())
+        if epoch == args.epochs - 1:  # the last epoch's diagnostics
+            h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
+            loss_all[idx] = losses.detach()
         return losses.sum()
     with trainable(model, args) as params:
         fit(params, len(rows), micro_loss, args, args.lr, args.epochs, "train")
+    total([h_all, loss_all])  # each process filled in its share of the pairs
+    tokens = args.epochs * sum(2 * len(r["prompt_ids"]) + len(r["a_ids"]) + len(r["b_ids"])
+                               for r in rows)
     return dict(loss=float(loss_all.mean()),
                 regression_mse=float(((h_all - target) ** 2).mean()),
                 sign_agreement=float((torch.sign(h_all) == torch.sign(target)).float().mean()),
-                reward_margin=float(h_all.mean())), tokens[0]
+                reward_margin=float(h_all.mean())), tokens
 
 def sft(model, tokenizer, examples, args, lr, epochs):
     """The supervised warm-up that makes pi_0: examples are (prompt_ids, response_ids); the loss
@@ -578,7 +590,10 @@ def check_targets(rows, t):
 
 # --- The command line: the settings of Part I as flags, checked as they are read.
 def fail(message):
-    """Stop before any work: one line on stderr, exit status 2, no traceback."""
+    """Stop: one line on stderr, exit status 2, no traceback. Under torchrun every process meets
+    the same bad input: process 0 says so, and the others wait to be stopped with it."""
+    if world()[0]:
+        time.sleep(10)  # torchrun stops this process as soon as process 0 has exited
     print(f"irepo.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -882,7 +897,7 @@ CHAT_TEMPLATES = {
 def load_policy(args, device, folder):
     """A causal LM and its tokenizer from `folder`; the tiny warm-up is built once, then reused."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    if folder == args.warmup and not os.path.isdir(folder):
+    if folder == args.warmup and not on_main(os.path.isdir, folder):
         build_tiny(folder, seed=0)  # once: published whole, so never reused half-written
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -1129,7 +1144,55 @@ def build_tiny(folder, seed=0, steps=600):
                                max_grad_norm=1.0, lora_rank=0, gradient_checkpointing=False)
     sft(model, tokenizer, examples, settings, lr=3e-3, epochs=1)  # the same SFT as --sft
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    publish(folder, model, tokenizer, {})
+    on_main(publish, folder, model, tokenizer, {})
+
+# --- Many processes: `torchrun --nproc_per_node N irepo.py ...` runs the method on N processes, one
+# GPU each. Each process samples, annotates and scores its share of the prompts, and trains on
+# its share of every batch; gather() gives every process all the pairs, and summed gradients give
+# all the same weights. Process 0 alone prints and writes files. Without torchrun these are no-ops.
+def start_processes():
+    """Join the processes torchrun started (it sets RANK, WORLD_SIZE and LOCAL_RANK): NCCL
+    between GPUs and gloo for CPU tensors, or gloo alone on CPUs."""
+    global tqdm
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    if dist.get_rank():  # the others print nothing; their errors still reach stderr
+        sys.stdout, tqdm = open(os.devnull, "w"), functools.partial(tqdm, disable=True)
+
+def world():
+    """(this process's rank, the number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+def shard(items, k=1):
+    """This process's share of items, taken k at a time (a prompt's k responses stay together)."""
+    rank, size = world()
+    return [x for i, x in enumerate(items) if i // k % size == rank]
+
+def gather(items, k=1):
+    """shard() undone: every process's share, in the original order, in every process."""
+    parts = [items] * world()[1]
+    if len(parts) > 1:
+        dist.all_gather_object(parts, items)
+    groups = [[part[i:i + k] for i in range(0, len(part), k)] for part in parts]
+    return [x for j in range(len(groups[0])) for g in groups if j < len(g) for x in g[j]]
+
+def total(tensors):
+    """Sum each tensor over the processes, in place: gradients, per-pair diagnostics. One
+    all-reduce for them all (a call per tensor costs more than the sums on CPUs)."""
+    tensors = list(tensors)
+    if world()[1] > 1:
+        flat = torch.cat([x.flatten() for x in tensors])
+        dist.all_reduce(flat)
+        for x, y in zip(tensors, flat.split([x.numel() for x in tensors])):
+            x.copy_(y.view_as(x))
+
+def on_main(fn, *args):
+    """fn(*args) in process 0 alone (files are written once); the others wait for its result."""
+    result = [fn(*args) if world()[0] == 0 else None]
+    if world()[1] > 1:
+        dist.broadcast_object_list(result)
+    return result[0]
 
 # --- Runs that stop. Every iteration's folder is written under a temporary name and renamed when
 # complete, so a run killed at any point keeps its complete iterations; --resume continues
@@ -1140,8 +1203,10 @@ RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
 
 def phase_seed(seed, iteration, phase):
-    """A seed per phase and iteration: a resumed run draws what an uninterrupted one would."""
-    return (seed * 1_000_003 + iteration * 101 + PHASES[phase]) % 2**31
+    """A seed per phase, iteration and process: a resumed run draws what an uninterrupted one
+    would. Training's is the same in every process, so that all shuffle the pairs alike."""
+    rank = 0 if phase == "train" else world()[0]
+    return (seed * 1_000_003 + iteration * 101 + PHASES[phase] + 7919 * rank) % 2**31
 
 def write_atomic(path, text):
     """Write a file under a temporary name, then rename it: readers see all of it or none."""
@@ -1252,10 +1317,11 @@ def start_run(args):
     given = (split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
              if args.pairs else None)
     conversations = read_conversations(args.sft) if args.sft else None
-    start = check_out(args)
+    start = on_main(check_out, args)
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
                                 if k not in ("annotator_specs", "warmup")))
-    print(f"device: {device}, {len(held_out)} held-out prompts, {len(chunks)} chunks of "
+    print(f"device: {device}" + (f" in {world()[1]} processes" if world()[1] > 1 else "")
+          + f", {len(held_out)} held-out prompts, {len(chunks)} chunks of "
           + (f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts")
           + (f"; resuming after iteration {start}" if start else ""))
     r = SimpleNamespace(start=start, out=args.out, history=read_metrics(args.out)[:start], ev=None)
@@ -1271,7 +1337,7 @@ def start_run(args):
                             else load_policy(args, device, base))
     args.sample_batch = sample_batch(model, args, device)
     panel = build_panel(args, model, tokenizer, device)
-    claim_out(args)
+    on_main(claim_out, args)
 
     # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
     # comparison (and saved, so that a resumed run compares against the very same samples).
@@ -1288,7 +1354,7 @@ def start_run(args):
         ev.initial = sample(model, tokenizer, ev.ids, 1, args, "sample pi_0")
         ev.initial_logps = batched_logprobs(model, ev.ids, ev.initial, tokenizer.pad_token_id,
                                             args.sample_batch)
-        write_atomic(initial_path, eval_json(ev.initial, ev.initial_logps))
+        on_main(write_atomic, initial_path, eval_json(ev.initial, ev.initial_logps))
         ev.previous, ev.previous_logps = ev.initial, ev.initial_logps  # pi_t's, log pi_t
     ev.initial_texts = decode(tokenizer, ev.initial)
     reward = panel.reward(ev.initial_texts)
@@ -1307,18 +1373,18 @@ def build_sft(args, device, base, conversations):
     reused while every setting the SFT reads stays the same (--overwrite keeps it)."""
     folder, recipe = os.path.join(args.out, "sft"), {k: getattr(args, k) for k in SFT_SETTINGS}
     made = os.path.join(folder, "sft.json")
-    if os.path.isfile(made) and read_json(made) == recipe:
+    if on_main(lambda: os.path.isfile(made) and read_json(made) == recipe):
         return load_policy(args, device, folder)
     model, tokenizer = load_policy(args, device, base)
     torch.manual_seed(args.seed)
     sft(model, tokenizer, sft_examples(tokenizer, conversations, args), args, args.sft_lr,
         args.sft_epochs)
-    publish(folder, model, tokenizer, {"sft.json": json.dumps(recipe)})
+    on_main(publish, folder, model, tokenizer, {"sft.json": json.dumps(recipe)})
     return model, tokenizer  # trained in memory: the saved copy need not be loaded again
 
 def finish_iteration(r, t, rows, metrics):
     """Save iteration t + 1 (atomically), record its metrics and print its one line."""
-    save_iteration(r.out, t + 1, r.model, r.tokenizer, rows, r.ev, metrics)
+    on_main(save_iteration, r.out, t + 1, r.model, r.tokenizer, rows, r.ev, metrics)
     r.history.append(metrics)
     m = metrics
     print(f"iter {t + 1} | loss {m['loss']:.4f} | mse {m['regression_mse']:.4f} "
@@ -1335,6 +1401,8 @@ def show_samples(r, args):
         print(f"  {prompt!r}\n    pi_0: {before}\n    pi_{args.iterations}: {after}")
 
 def main(argv=None):
+    if "LOCAL_RANK" in os.environ:  # started by torchrun
+        start_processes()
     args = parse_args(argv)
     if args.theory:
         return theory_report()
@@ -1352,15 +1420,19 @@ def main(argv=None):
     except KeyboardInterrupt:
         argv = [a for a in (sys.argv[1:] if argv is None else argv)
                 if a not in ("--overwrite", "--resume")]
-        print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations are "
-              f"kept in {args.out}/. Resume with: python irepo.py "
-              f"{shlex.join(argv + ['--resume'])}", file=sys.stderr)
+        launch = f"torchrun --nproc_per_node {world()[1]}" if world()[1] > 1 else "python"
+        if world()[0] == 0:
+            print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations "
+                  f"are kept in {args.out}/. Resume with: {launch} irepo.py "
+                  f"{shlex.join(argv + ['--resume'])}", file=sys.stderr)
         sys.exit(130)
     last = history[-1]
     rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history
                           if m["true_reward"] is not None)
     print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
           + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 # =============================================================================================
 # PART III. THE THEORY, CHECKED NUMERICALLY, AND THE LOSSES COMPARED.
@@ -1569,7 +1641,7 @@ def verdict(table, level):
 
 def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
     """Run every loss over its beta grid and `seeds` seeds from the same (shared) warm-up;
-    write frontier.jsonl, print the points and the true reward at matched KL levels, spread
+    write frontier.jsonl (every point); print the true reward at matched KL levels, spread
     over the KL range that every loss and seed reaches, so that no frontier is extrapolated."""
     rows = []
     for loss, betas in grid.items():
@@ -1582,7 +1654,7 @@ def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
                 keys = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
                 rows += [dict(loss=loss, beta=beta, seed=s, **{k: m[k] for k in keys})
                          for m in run(sub)]
-    write_atomic(os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
+    on_main(write_atomic, os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
     runs = {(r["loss"], r["seed"]) for r in rows}
     low, high = (f(g(r["kl_to_initial"] for r in rows if (r["loss"], r["seed"]) == run)
                    for run in runs) for f, g in ((max, min), (min, max)))

@@ -164,7 +164,7 @@ class FixedPanel:
     def __init__(self, n, rewards):
         self.n, self.rewards = n, rewards
 
-    def compare(self, prompts, texts_a, texts_b):
+    def compare(self, prompts, texts_a, texts_b, group=1):
         out = []
         for a, b in zip(texts_a, texts_b):
             k = round(self.n * 1 / (1 + math.exp(self.rewards[b] - self.rewards[a])))
@@ -486,11 +486,16 @@ def test_refuses_to_mix_runs(warm_tiny, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(warm_tiny, tmp_path_factory):
-    """The metrics of an uninterrupted 3-iteration run, for the resume tests to match."""
+def uninterrupted_out(warm_tiny, tmp_path_factory):
+    """An uninterrupted 3-iteration run, for the resume and many-process tests to match."""
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     run_with_warmup(warm_tiny, str(out), "--iterations", "3")
-    return metrics_without_timing(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_out):
+    return metrics_without_timing(uninterrupted_out)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
@@ -1104,3 +1109,147 @@ def test_a_marker_of_several_tokens_is_cut_after_its_text():
     assert seen["stop_strings"] == ["<|im_end|>"]
     assert [tok.decode(r) for r in responses] == ["the hotel was good<|im_end|>"] * 4
     assert irepo.decode(tok, responses) == ["the hotel was good"] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes: torchrun with 2 CPU processes over gloo. Every launch has a timeout.
+# ---------------------------------------------------------------------------------------------
+
+def torchrun(*argv, script=None, timeout=240, **popen):
+    """`torchrun --standalone --nproc_per_node 2` on irepo.py (or a script), offline."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           script or os.path.join(HERE, "irepo.py"), *argv]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE)
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def our_errors(stderr):
+    return [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("irepo.py: error:")]
+
+
+def files_in(out):
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if "warmup" not in p.parts)
+
+
+@pytest.fixture(scope="module")
+def two_processes(warm_tiny, tmp_path_factory):
+    """An uninterrupted 3-iteration run of the tiny world on 2 processes, from the shared warm-up."""
+    out = tmp_path_factory.mktemp("two") / "run"
+    shutil.copytree(warm_tiny, out / "warmup")
+    proc = torchrun(*small_run_args(out, "--iterations", "3"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_two_processes_run_the_tiny_world(uninterrupted_out, two_processes):
+    """2 processes write the same files as 1 process (models, pairs, held-out samples, metrics),
+    with one metrics row per iteration and the same keys; only process 0 prints."""
+    out, proc = two_processes
+    assert files_in(out) == files_in(uninterrupted_out)
+    rows = metrics_without_timing(out)
+    assert [r["iteration"] for r in rows] == [1, 2, 3]
+    assert [sorted(r) for r in rows] == [sorted(r) for r in metrics_without_timing(uninterrupted_out)]
+    assert "device: cpu in 2 processes" in proc.stdout
+    assert proc.stdout.count("iter 1 |") == 1 and proc.stdout.count("done in") == 1
+    # 24 prompts per iteration, sampled and annotated in halves, all gathered: every pair kept.
+    assert all(r["pairs"] + r["skipped_pairs"] == 24 for r in rows)
+
+
+def test_two_processes_train_the_same_weights_as_one(warm_tiny, uninterrupted_out, tmp_path):
+    """--pairs on a saved iteration: 2 processes, each with half of every batch of 16 and the
+    gradients summed, train the same weights as 1 process (up to float rounding, rel 1e-4), LoRA
+    merged. (With full fine-tuning, GPT-2's key bias would differ: its gradient is zero but for
+    rounding, which Adam scales up to steps of size lr; it has no effect on the outputs.)"""
+    from transformers import AutoModelForCausalLM
+    pairs = uninterrupted_out / "iteration_1" / "pairs.jsonl"
+    weights = []
+    for n, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
+        shutil.copytree(warm_tiny, out / "warmup")
+        argv = small_run_args(out, "--iterations", "1", "--pairs", str(pairs), "--batch-size", "16",
+                              "--micro-batch-size", "4", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2")
+        proc = cli(*argv) if n == 1 else torchrun(*argv)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights.append(AutoModelForCausalLM.from_pretrained(out / "iteration_1").state_dict())
+    start = AutoModelForCausalLM.from_pretrained(warm_tiny).state_dict()
+    for name, w in weights[0].items():
+        assert torch.allclose(weights[1][name], w, rtol=1e-4, atol=1e-6), name
+    changed = weights[0]["transformer.h.0.mlp.c_fc.weight"] - start["transformer.h.0.mlp.c_fc.weight"]
+    assert changed.abs().max() > 1e-3  # the weights did move
+
+
+SAME_WEIGHTS_IN_EVERY_PROCESS = '''
+import sys, torch, torch.distributed as dist
+import irepo
+irepo.start_processes()
+assert irepo.gather(irepo.shard(list(range(11)), 3), 3) == list(range(11))
+folder = sys.argv[1]
+irepo.build_tiny(folder, seed=0, steps=20)  # trained by both, published by process 0
+assert not irepo.os.path.exists(folder + ".tmp")
+args = irepo.parse_args(["--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "6", "--lr", "1e-2"])
+model, tok = irepo.load_policy(args, torch.device("cpu"), folder)
+g = torch.Generator().manual_seed(0)
+prompts = irepo.tiny_prompts()[:13]  # 13 pairs: the last batch of 1 leaves a process empty
+ids = lambda text: tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+rows = [dict(prompt_ids=irepo.encode_prompt(tok, p), a_ids=ids(irepo.tiny_review(p, g)),
+             b_ids=ids(irepo.tiny_review(p, g)), target_logit=1.0) for p in prompts]
+ref_a, ref_b = irepo.reference_logprobs(model, rows, tok.pad_token_id, args)
+torch.manual_seed(irepo.phase_seed(0, 0, "train"))
+irepo.train(model, rows, ref_a, ref_b, tok.pad_token_id, args)
+mine = torch.cat([p.flatten() for p in model.state_dict().values()])
+both = [None, None]
+dist.all_gather_object(both, mine)
+assert torch.equal(both[0], both[1]), "the processes hold different weights"
+sys.stderr.write(f"process {dist.get_rank()}: same weights\\n")
+dist.destroy_process_group()
+'''
+
+
+def test_every_process_holds_the_same_weights(tmp_path):
+    """The tiny warm-up is trained by both processes and published once by process 0; after an
+    iteration of LoRA training (a last batch that leaves one process nothing) and the merge, both
+    processes hold bit-identical weights; shard() then gather() restores any list's order."""
+    script = tmp_path / "same.py"
+    script.write_text(SAME_WEIGHTS_IN_EVERY_PROCESS)
+    proc = torchrun(str(tmp_path / "warmup"), script=str(script))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(": same weights") == 2
+
+
+def test_two_processes_killed_after_an_iteration_resume(two_processes, tmp_path):
+    """torchrun stopped by SIGTERM after iteration 1 keeps its complete iterations, says once how
+    to resume (with torchrun), and --resume on 2 processes ends with the same metrics as the
+    uninterrupted 2-process run (each process's random streams are seeded by iteration and rank)."""
+    reference, _ = two_processes
+    out = tmp_path / "run"
+    shutil.copytree(reference / "warmup", out / "warmup")
+    argv = small_run_args(out, "--iterations", "3")
+    proc = torchrun(*argv, popen=True)
+    deadline = time.time() + 240
+    while not (out / "iteration_1").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    done = irepo.complete_iterations(str(out))
+    assert 1 <= done < 3, f"the signal did not land mid-run ({done} iterations complete)"
+    assert err.count("Resume with: torchrun --nproc_per_node 2 irepo.py") == 1
+    resumed = torchrun(*argv, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming after iteration {done}" in resumed.stdout
+    assert metrics_without_timing(out) == metrics_without_timing(reference)
+
+
+def test_two_processes_stop_together_with_one_line(warm_tiny, tmp_path):
+    """A bad input, met by both processes, is reported once and stops both; so is a failure in
+    training (a learning rate that makes the gradient non-finite). Nothing hangs (timeouts)."""
+    tic = time.time()
+    proc = torchrun("--eval-prompts", "1000", "--out", str(tmp_path / "a"), timeout=120)
+    assert proc.returncode != 0 and len(our_errors(proc.stderr)) == 1, proc.stderr[-3000:]
+    assert "--eval-prompts 1000: only 640 prompts exist" in our_errors(proc.stderr)[0]
+    out = tmp_path / "b"
+    shutil.copytree(warm_tiny, out / "warmup")
+    proc = torchrun(*small_run_args(out, "--lr", "1e30"), timeout=120)
+    assert proc.returncode != 0 and len(our_errors(proc.stderr)) == 1, proc.stderr[-3000:]
+    assert "became non-finite" in our_errors(proc.stderr)[0]
+    assert not list(out.glob("iteration_*")) and time.time() - tic < 100
