@@ -13,8 +13,8 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
 Part I of this file is the method, in the order above; Part II is the machinery, which changes
-nothing in the method (command line, files, models, LoRA, other annotators, the tiny world, runs
-that stop); Part III checks the theory and compares the losses.
+nothing in the method (command line, files, models, LoRA, other annotators, the tiny world, many
+processes, runs that stop); Part III checks the theory and compares the losses.
 
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
@@ -22,7 +22,8 @@ Run it:
   python irepo.py --theory             # check the paper's theory numerically, in seconds
   python irepo.py --compare            # reward-KL frontier of irepo, dpo and ipo, ~2.5 minutes
   python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl --prompts uf.jsonl       # GPU
-  python irepo.py --model mistralai/Mistral-7B-v0.1 --sft ultrachat.jsonl --prompts uf.jsonl
+  torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 --sft ultrachat.jsonl \
+      --prompts uf.jsonl               # 8 GPUs
   python -m pytest -q test_irepo.py    # the tests
 
 Deliberate deviations from the paper (the README explains each):
@@ -73,7 +74,7 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     iterations=(int, ">= 1", 3, "T, the number of iterations (fresh prompts each)"),
     num_responses=(int, ">= 2 (a pair needs two responses)", 4, "K, responses per prompt"),
     num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
-    annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL', 'self'"),
+    annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL'"),
     beta=(float, "> 0", 1.0, "beta, the KL strength in r = beta*log(pi/pi_ref)"),
     smoothing=(float, "> 0 (a unanimous panel's logit is infinite)", 0.5, "votes added to p_hat"),
     sharpness=(float, ">= 0", 1.0, "s in the simulated votes sigma(s*(r_a - r_b))"),
@@ -224,12 +225,9 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
     targets = input_ids[:, first:]  # (B, T - first)
     mask = response_mask[:, first:].bool()
     # log softmax of the chosen token = its logit - logsumexp(all logits), in fp32. Gathering
-    # first avoids a full (B, T, V) fp32 log-softmax; in bf16 the upcast is row by row.
+    # first avoids a full (B, T, V) fp32 log-softmax; the upcast is one row at a time.
     chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, T - first)
-    if logits.dtype == torch.float32:
-        lse = torch.logsumexp(logits, dim=-1)
-    else:
-        lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
     token_logps = torch.where(mask, chosen - lse, 0.0)  # where, not *: pad logits may be nan
     return token_logps.sum(-1)
 
@@ -246,10 +244,6 @@ def batched_logprobs(model, prompt_ids, response_ids, pad_id, batch_size):
 def as_messages(prompt):
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
-def prompt_text(prompt):
-    """What annotators are shown as the instruction: the prompt, or a chat's last user turn."""
-    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
-
 def encode_prompt(tokenizer, prompt, max_tokens=None):
     """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
     one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
@@ -264,9 +258,8 @@ def end_of_turn(tokenizer):
 
 @torch.no_grad()
 def sample(model, tokenizer, prompt_ids, k, args, desc):
-    """k responses for each prompt. Returns a list (len(prompt_ids) * k) of token-id lists,
-    grouped by prompt; each ends at its first EOS or end-of-turn marker (kept, so that pi learns
-    to end its turn, and nothing after it), or at max_new_tokens."""
+    """k responses per prompt: len(prompt_ids) * k token-id lists, grouped by prompt, each cut
+    after its first EOS or end-of-turn marker (kept: pi learns to end turns) or max_new_tokens."""
     eos, pad, marker = tokenizer.eos_token_id, tokenizer.pad_token_id, end_of_turn(tokenizer)
     marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
     stops = [eos] + marker_ids[-1:] if len(marker_ids) == 1 else [eos]  # single tokens
@@ -322,8 +315,7 @@ def hidden_rewards(texts):
 
 class SimulatedAnnotators(Annotator):
     """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
-    votes for a with probability sigma(sharpness * (r(a) - r(b))), independently. `gen` is the
-    panel's random stream, reseeded by the loop for every phase."""
+    votes for a with probability sigma(sharpness * (r(a) - r(b))); `gen`: the panel's stream."""
 
     def __init__(self, n_annotators, sharpness, gen):
         self.n_annotators, self.sharpness, self.gen = n_annotators, sharpness, gen
@@ -357,7 +349,7 @@ def annotate(panel, prompts, texts, k, smoothing):
     them; the best-vs-worst pair and its soft label are kept. Returns a list of dicts (one per
     prompt) with best, worst (indices among the k), votes_a, n_annotators, p_hat, target."""
     pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    flat = [(prompt_text(prompt), texts[q * k + i], texts[q * k + j])
+    flat = [(prompt, texts[q * k + i], texts[q * k + j])
             for q, prompt in enumerate(prompts) for i, j in pairs]
     answers = panel.compare(*map(list, zip(*flat)), group=len(pairs))  # (prompts * pairs, N)
     n = answers.shape[1]
@@ -414,9 +406,8 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args):
 
 # --- Steps 5-6: the reference log-probs, then the regression.
 def reference_logprobs(model, rows, pad, args):
-    """Step 5: log pi_t of both responses of every pair, once, without gradients. pi_t is the
-    reference, and these cached numbers are the only trace of it (no second model in memory);
-    they are saved with the pairs, so anyone can check them."""
+    """Step 5: log pi_t of both responses of every pair, once, without gradients: the only trace
+    of the reference pi_t (no second model in memory), saved with the pairs for anyone to check."""
     prompt_ids = [r["prompt_ids"] for r in rows]
     ref_a, ref_b = (batched_logprobs(model, prompt_ids, [r[side] for r in rows], pad,
                                      args.micro_batch_size) for side in ("a_ids", "b_ids"))
@@ -505,9 +496,8 @@ def train(model, rows, ref_a, ref_b, pad, args):
                 reward_margin=float(h_all.mean())), tokens
 
 def sft(model, tokenizer, examples, args, lr, epochs):
-    """The supervised warm-up that makes pi_0: examples are (prompt_ids, response_ids); the loss
-    is the mean negative log-likelihood of the response (assistant) tokens of each example,
-    scored by the same helper as the method; the preset's LoRA is merged afterwards."""
+    """The supervised warm-up that makes pi_0 from (prompt_ids, response_ids) examples: the mean
+    NLL of each example's response tokens, by the method's own helpers (LoRA merged after)."""
     def micro_loss(idx, epoch):
         batch = collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_token_id, model.device)
         return -(sequence_logprobs(model, *batch) / batch[2].sum(-1)).sum()
@@ -516,9 +506,8 @@ def sft(model, tokenizer, examples, args, lr, epochs):
 
 # --- Step 7: evaluate pi_{t+1} against pi_0 on held-out prompts.
 def evaluate(model, tokenizer, panel, ev, t, args):
-    """Win-rate against pi_0 and true reward of pi_{t+1}'s held-out samples, and the KL to pi_t
-    and to pi_0. `ev` holds the held-out prompts and the samples of pi_0 and pi_t with their
-    log-probs; pi_{t+1}'s samples replace pi_t's in it."""
+    """Win-rate against pi_0 and true reward of pi_{t+1}'s held-out samples; KL to pi_t and pi_0.
+    `ev` holds the held-out prompts and pi_0's and pi_t's samples (then pi_{t+1}'s), log-probs."""
     torch.manual_seed(phase_seed(args.seed, t, "eval"))
     panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
     current = sample(model, tokenizer, ev.ids, 1, args, f"iter {t + 1} eval")
@@ -585,14 +574,14 @@ def check_targets(rows, t):
 
 # =============================================================================================
 # PART II. THE MACHINERY. Nothing below changes the method: the command line, files, model
-# loading, LoRA, the other annotators, the tiny world, runs that stop, main.
+# loading, LoRA, the other annotators, the tiny world, many processes, runs that stop, main.
 # =============================================================================================
 
 # --- The command line: the settings of Part I as flags, checked as they are read.
 def fail(message):
     """Stop: one line on stderr, exit status 2, no traceback. Under torchrun every process meets
     the same bad input: process 0 says so, and the others wait to be stopped with it."""
-    if world()[0]:
+    if RANK:
         time.sleep(10)  # torchrun stops this process as soon as process 0 has exited
     print(f"irepo.py: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -627,15 +616,15 @@ def parse_args(argv=None):
     a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
     a("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
     a("--out", default="out", help="output folder: iterations, pairs, metrics")
-    a("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with 'prompt' or 'messages'")
+    a("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with a 'prompt' string a line")
     a("--pairs", help="FILE: labelled pairs (pairs.jsonl format) instead of steps 1-4")
     a("--sft", help="FILE: chat 'messages' JSONL to fine-tune --model on first (pi_0)")
-    a("--resume", action="store_true", help="continue the run in --out after its last iteration")
-    a("--overwrite", action="store_true", help="replace the run in --out (keeps warm-up and SFT)")
+    one = p.add_mutually_exclusive_group().add_argument  # --resume or --overwrite, not both
+    one("--resume", action="store_true", help="continue the run in --out after its last iteration")
+    one("--overwrite", action="store_true", help="replace the run in --out (keeps warm-up and SFT)")
     a("--seed", type=int, default=0, help="seeds every random stream")
     a("--theory", action="store_true", help="print numerical checks of the paper's theory, exit")
     a("--compare", action="store_true", help="reward-KL frontier of irepo, dpo and ipo")
-    a("--device", help="cuda or cpu (default: cuda if there is a GPU)")
     for name, (kind, rule, default, meaning) in SETTINGS.items():  # None: the preset's value
         flag = "--" + name.replace("_", "-")
         if kind is bool:
@@ -651,10 +640,6 @@ def parse_args(argv=None):
     for key, value in (tiny | PRESETS[args.preset]).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.lora_rank and not args.lora_targets.strip(","):
-        fail("--lora-targets: name at least one layer, or use --lora-rank 0")
-    if args.resume and args.overwrite:
-        fail("--resume and --overwrite: choose one")
     if args.model != "tiny":
         check_model(f"--model {args.model}", args.model)
     args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
@@ -678,14 +663,7 @@ def load_error(label, name, error, hint):
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     fail(f"{label}: cannot be loaded ({why}; {first_line}); {hint}")
 
-DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
-
-def pick_device(name=None):
-    """CUDA if there is a GPU, else the CPU; weights are bf16 on CUDA and fp32 on the CPU."""
-    gpu = torch.cuda.is_available()
-    if name and not (name == "cpu" or name.startswith("cuda") and gpu):
-        fail(f"--device {name}: not available here; use {'cuda or cpu' if gpu else 'cpu'}")
-    return torch.device(name or ("cuda" if gpu else "cpu"))
+DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the weights' dtype on each device
 
 def kv_cache_bytes(config, tokens, dtype_bytes=2):
     """The KV cache of one sequence of `tokens` tokens: K and V in every layer, in bytes."""
@@ -716,8 +694,6 @@ def peak_memory_mb(device, reset=False):
 # --- Prompts and given pairs: the built-in list or files, checked line by line before any work.
 def read_lines(path, flag):
     """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
-    if not os.path.isfile(path):
-        fail(f"{flag} {path}: no such file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read().splitlines()
@@ -740,35 +716,14 @@ def read_jsonl(path, flag):
         yield f"{path}:{number}", row
 
 def read_prompts(path):
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file with a 'prompt' string
-    or a chat 'messages' list, ending in a user turn (a final assistant turn, as in
-    UltraFeedback's 'messages', is dropped: it is the response, not the prompt)."""
-    if not path.endswith(".jsonl"):
-        prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
-    else:
-        prompts = [jsonl_prompt(where, row) for where, row in read_jsonl(path, "--prompts")]
+    """Prompts: the non-empty lines of a .txt file, or the 'prompt' string of each .jsonl line."""
+    is_text = lambda p: isinstance(p, str) and p.strip()
+    prompts = ([check(row, where, "prompt", is_text, "a non-empty string").strip()
+                for where, row in read_jsonl(path, "--prompts")] if path.endswith(".jsonl")
+               else [line.strip() for line in read_lines(path, "--prompts") if line.strip()])
     if not prompts:
         fail(f"--prompts {path}: the file holds no prompt")
     return prompts
-
-def jsonl_prompt(where, row):
-    if not isinstance(row.get("messages"), list):
-        if isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            return row["prompt"].strip()
-        fail(f"{where}: needs a non-empty string field 'prompt' or a list field 'messages'")
-    messages = chat_messages(where, row)
-    while messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    if not messages or messages[-1]["role"] != "user":
-        fail(f"{where}: field 'messages' must end with a user turn")
-    return messages
-
-def chat_messages(where, row):
-    messages = row.get("messages")
-    if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(
-            m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
-        fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 def replies(messages):
     """The indices of the assistant turns that answer a user turn."""
@@ -779,7 +734,11 @@ def read_conversations(path):
     """--sft: a chat 'messages' list per line, with an assistant turn after a user turn."""
     conversations = []
     for where, row in read_jsonl(path, "--sft"):
-        conversations.append(chat_messages(where, row))
+        messages = row.get("messages")
+        if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(
+                m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+            fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
         if not replies(conversations[-1]):
             fail(f"{where}: field 'messages' has no assistant turn after a user turn")
     if not conversations:
@@ -806,24 +765,20 @@ def check(row, where, field, ok, what):
     return row.get(field)
 
 def pair_target(row, where, smoothing):
-    """logit p_hat of a given pair, from 'target_logit', else 'p_hat', else the votes."""
-    if "target_logit" in row:
-        return float(check(row, where, "target_logit", is_number, "a finite number"))
-    if "p_hat" in row:
-        p = check(row, where, "p_hat", lambda p: is_number(p) and 0 < p < 1,
-                  "a number strictly between 0 and 1")
-        return math.log(p) - math.log1p(-p)
+    """logit p_hat of a given pair: from the votes ('votes_a' of 'n_annotators', smoothed as
+    sampled pairs are), else from a probability 'p_hat' (not smoothed)."""
     if "votes_a" not in row:
-        fail(f"{where}: needs a field 'target_logit', 'p_hat', or 'votes_a' with 'n_annotators'")
+        p = check(row, where, "p_hat", lambda p: is_number(p) and 0 < p < 1,
+                  "a number strictly between 0 and 1 (or give 'votes_a' and 'n_annotators')")
+        return math.log(p) - math.log1p(-p)
     n = check(row, where, "n_annotators", lambda n: is_number(n) and n >= 1, "a number >= 1")
     v = check(row, where, "votes_a", lambda v: is_number(v) and 0 <= v <= n,
               "a number in [0, n_annotators]")
     return float(preference_logit(empirical_preference(torch.tensor(float(v)), n, smoothing)))
 
 def read_pairs(path, smoothing):
-    """Labelled pairs in the format iteration_t/pairs.jsonl is written in: 'prompt',
-    'response_a', 'response_b' and a label (see pair_target). Token ids ('prompt_ids', 'a_ids',
-    'b_ids') are used when present, so that a saved pair is reproduced exactly."""
+    """(file:line, pair) for each line, in iteration_t/pairs.jsonl's format: 'prompt', 'response_a',
+    'response_b', a label (see pair_target), and token ids if any (a saved pair is then exact)."""
     rows = []
     for where, row in read_jsonl(path, "--pairs"):
         check(row, where, "prompt", lambda p: isinstance(p, str) and p.strip(),
@@ -833,7 +788,7 @@ def read_pairs(path, smoothing):
         for field in ("prompt_ids", "a_ids", "b_ids"):
             check(row, where, field, lambda ids: ids is None or isinstance(ids, list) and all(
                 isinstance(i, int) and i >= 0 for i in ids), "a list of token ids")
-        rows.append(dict(row, where=where, target_logit=pair_target(row, where, smoothing)))
+        rows.append((where, dict(row, target_logit=pair_target(row, where, smoothing))))
     if not rows:
         fail(f"--pairs {path}: the file holds no pair")
     return rows
@@ -861,26 +816,20 @@ def split_pairs(rows, iterations):
 
 def given_pairs(tokenizer, chunk, max_tokens):
     """Steps 1-4 replaced by --pairs: tokenize the given pairs (unless they carry token ids)."""
-    rows, skipped, eos = [], 0, tokenizer.eos_token_id
-    for row in chunk:
-        row = dict(row)
-        where = row.pop("where")
+    eos, rows = tokenizer.eos_token_id, []
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    for where, row in chunk:
         if degenerate(row["response_a"], row["response_b"]):
-            skipped += 1
             continue
-        row["prompt_ids"] = (row.get("prompt_ids")
-                             or encode_prompt(tokenizer, row["prompt"], max_tokens))
-        for side in "ab":
-            text = row[f"response_{side}"]
-            row[f"{side}_ids"] = (row.get(f"{side}_ids")
-                                  or tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
-        if max(row["prompt_ids"] + row["a_ids"] + row["b_ids"]) >= len(tokenizer):
+        rows.append(dict(row, prompt_ids=row.get("prompt_ids") or encode_prompt(
+            tokenizer, row["prompt"], max_tokens), a_ids=row.get("a_ids") or ids(row["response_a"]),
+            b_ids=row.get("b_ids") or ids(row["response_b"])))
+        if max(rows[-1]["prompt_ids"] + rows[-1]["a_ids"] + rows[-1]["b_ids"]) >= len(tokenizer):
             fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
-        rows.append(row)
     lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"] or [0]
-    return rows, dict(skipped_pairs=skipped, response_tokens_mean=sum(lengths) / len(lengths),
-                      eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
-                      sample_tokens_per_s=None)
+    return rows, dict(skipped_pairs=len(chunk) - len(rows),
+                      response_tokens_mean=sum(lengths) / len(lengths), eos_rate=None,
+                      seconds_sample=0.0, seconds_annotate=0.0, sample_tokens_per_s=None)
 
 # --- Model loading.
 # Prompt formats for tokenizers that bring no chat template of their own.
@@ -979,7 +928,6 @@ def merge_lora(model):
 # --- The other annotators. --annotators is a comma-separated list of:
 #   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
 #   judge:MODEL  a causal LM asked which response is better, in both orders
-#   self         the policy itself as that judge (self-alignment)
 #   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
 def parse_annotators(spec, n_sim):
     """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed."""
@@ -991,14 +939,12 @@ def parse_annotators(spec, n_sim):
         elif kind in ("judge", "rm") and arg:
             check_model(f"--annotators {kind}:{arg}", arg)
             kinds.append((kind, arg))
-        elif kind == "self" and not arg:
-            kinds.append((kind, None))
         elif kind == "human":
             fail(f"--annotators {spec}: people are not asked at the terminal; collect their votes "
                  "and give the pairs with --pairs (votes_a, n_annotators per pair)")
         else:
-            fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL, "
-                 "rm:MODEL or self, separated by commas")
+            fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL or "
+                 "rm:MODEL, separated by commas")
     return kinds
 
 JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
@@ -1010,35 +956,27 @@ class ModelAnnotator(Annotator):
         self.batch_size, self.max_tokens = batch_size, max_tokens
 
 class JudgeAnnotator(ModelAnnotator):
-    """A causal LM as a judge. Its probability that a is better comes from its next-token
-    logits for the two labels, asked with a shown first and again with b first, averaged:
-    an LLM judge's position bias cancels."""
+    """A causal LM as a judge: P(a is better) from its next-token logits for the labels A and B,
+    asked with a first and with b first, averaged, so that an LLM judge's position bias cancels."""
 
     def __init__(self, model, tokenizer, *sizes):
         super().__init__(model, tokenizer, *sizes)
-        # The ids a model may answer a label with: the letter alone or after a space.
-        self.labels = [sorted({tokenizer(s, add_special_tokens=False)["input_ids"][-1]
-                               for s in (x, " " + x)}) for x in "AB"]
-        if set(self.labels[0]) & set(self.labels[1]):
+        self.labels = [tokenizer(x, add_special_tokens=False)["input_ids"][-1] for x in "AB"]
+        if self.labels[0] == self.labels[1]:
             raise ValueError("its tokenizer cannot tell the labels 'A' and 'B' apart")
 
     @torch.no_grad()
-    def p_first(self, prompts, first, second):
-        """P(label A) when `first` is shown as response A, batched."""
-        ids = [encode_prompt(self.tokenizer, JUDGE_QUESTION.format(prompt=q, a=x, b=y),
-                             self.max_tokens) for q, x, y in zip(prompts, first, second)]
-        out = []
-        for i in range(0, len(ids), self.batch_size):
-            batch = left_pad(ids[i:i + self.batch_size], self.tokenizer.pad_token_id,
-                             self.model.device)
+    def compare(self, prompts, texts_a, texts_b):
+        (label_a, label_b), tok, size = self.labels, self.tokenizer, self.batch_size
+        ids = [encode_prompt(tok, JUDGE_QUESTION.format(prompt=q, a=x, b=y), self.max_tokens)
+               for q, x, y in zip(prompts * 2, texts_a + texts_b, texts_b + texts_a)]  # both orders
+        p = []
+        for i in range(0, len(ids), size):
+            batch = left_pad(ids[i:i + size], tok.pad_token_id, self.model.device)
             logits = last_logits(self.model, *batch, keep=1)[:, -1].float()
-            score_a, score_b = (torch.logsumexp(logits[:, label], -1) for label in self.labels)
-            out.append(torch.sigmoid(score_a - score_b).cpu())
-        return torch.cat(out)
-
-    def compare(self, prompts, texts_a, texts_b):  # both orders in one batched pass
-        p = self.p_first(prompts * 2, texts_a + texts_b, texts_b + texts_a)
-        return ((p[:len(prompts)] + 1 - p[len(prompts):]) / 2)[:, None]
+            p += torch.sigmoid(logits[:, label_a] - logits[:, label_b]).tolist()
+        n = len(prompts)
+        return ((torch.tensor(p[:n]) + 1 - torch.tensor(p[n:])) / 2)[:, None]
 
 class RewardModelAnnotator(ModelAnnotator):
     """A scalar reward model scores each distinct response once; p(a > b) = sigma(r_a - r_b)."""
@@ -1064,31 +1002,27 @@ class RewardModelAnnotator(ModelAnnotator):
         r_a, r_b = (torch.tensor([score[k] for k in zip(prompts, t)]) for t in (texts_a, texts_b))
         return torch.sigmoid(r_a - r_b)[:, None]
 
-def build_panel(args, policy, tokenizer, device):
+def build_panel(args, device):
     """Load every annotator of --annotators; one that cannot be loaded stops the run."""
-    from transformers import AutoModelForCausalLM as LM, AutoTokenizer
-    from transformers import AutoModelForSequenceClassification as RM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     gen = torch.Generator().manual_seed(args.seed)  # the simulated votes' stream
-    sizes = (args.sample_batch, args.max_prompt_tokens * 4)
     annotators = []
     for kind, arg in args.annotator_specs:
+        if kind == "sim":
+            annotators.append(SimulatedAnnotators(arg, args.sharpness, gen))
+            continue
         try:
-            if kind in ("judge", "rm"):
-                tok = AutoTokenizer.from_pretrained(arg)
-                tok.pad_token = tok.pad_token or tok.eos_token
-                if kind == "judge" and not tok.chat_template:
-                    tok.chat_template = CHAT_TEMPLATES[args.chat_format]
-                model = (LM if kind == "judge" else RM).from_pretrained(
-                    arg, dtype=DTYPE[device.type])
-                model.to(device).eval().config.pad_token_id = tok.pad_token_id
-                cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
-                annotators.append(cls(model, tok, *sizes))
-            else:
-                annotators.append(SimulatedAnnotators(arg, args.sharpness, gen) if kind == "sim"
-                                  else JudgeAnnotator(policy, tokenizer, *sizes))
+            tok = AutoTokenizer.from_pretrained(arg)
+            tok.pad_token = tok.pad_token or tok.eos_token
+            if kind == "judge" and not tok.chat_template:
+                tok.chat_template = CHAT_TEMPLATES[args.chat_format]
+            auto = AutoModelForCausalLM if kind == "judge" else AutoModelForSequenceClassification
+            model = auto.from_pretrained(arg, dtype=DTYPE[device.type]).to(device).eval()
+            model.config.pad_token_id = tok.pad_token_id
+            cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
+            annotators.append(cls(model, tok, args.sample_batch, args.max_prompt_tokens * 4))
         except (OSError, ValueError, ImportError) as e:
-            load_error(f"--annotators {kind}{':' + arg if arg else ''}", arg or "", e,
-                       "use a local folder, or --annotators sim")
+            load_error(f"--annotators {kind}:{arg}", arg, e, "use a local folder or sim")
     return Panel(annotators, gen)
 
 # --- The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
@@ -1122,7 +1056,7 @@ def build_tiny(folder, seed=0, steps=600):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     words = sorted(set(" ".join(tiny_prompts() + TOPICS + ASPECTS + POSITIVE + NEGATIVE + NEUTRAL
-                                + ["the was and . A B"]).split()))  # A, B: for --annotators self
+                                + ["the was and . A B"]).split()))  # A, B: a judge's labels
     vocab = {w: i for i, w in enumerate(SPECIALS + words)}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -1150,28 +1084,25 @@ def build_tiny(folder, seed=0, steps=600):
 # GPU each. Each process samples, annotates and scores its share of the prompts, and trains on
 # its share of every batch; gather() gives every process all the pairs, and summed gradients give
 # all the same weights. Process 0 alone prints and writes files. Without torchrun these are no-ops.
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+
 def start_processes():
-    """Join the processes torchrun started (it sets RANK, WORLD_SIZE and LOCAL_RANK): NCCL
-    between GPUs and gloo for CPU tensors, or gloo alone on CPUs."""
+    """Join the processes torchrun started: NCCL between GPUs and gloo for CPU tensors, or gloo
+    alone on CPUs."""
     global tqdm
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    if dist.get_rank():  # the others print nothing; their errors still reach stderr
+    if RANK:  # the others print nothing; their errors still reach stderr
         sys.stdout, tqdm = open(os.devnull, "w"), functools.partial(tqdm, disable=True)
-
-def world():
-    """(this process's rank, the number of processes): (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def shard(items, k=1):
     """This process's share of items, taken k at a time (a prompt's k responses stay together)."""
-    rank, size = world()
-    return [x for i, x in enumerate(items) if i // k % size == rank]
+    return [x for i, x in enumerate(items) if i // k % WORLD == RANK]
 
 def gather(items, k=1):
     """shard() undone: every process's share, in the original order, in every process."""
-    parts = [items] * world()[1]
+    parts = [items] * WORLD
     if len(parts) > 1:
         dist.all_gather_object(parts, items)
     groups = [[part[i:i + k] for i in range(0, len(part), k)] for part in parts]
@@ -1181,7 +1112,7 @@ def total(tensors):
     """Sum each tensor over the processes, in place: gradients, per-pair diagnostics. One
     all-reduce for them all (a call per tensor costs more than the sums on CPUs)."""
     tensors = list(tensors)
-    if world()[1] > 1:
+    if WORLD > 1:
         flat = torch.cat([x.flatten() for x in tensors])
         dist.all_reduce(flat)
         for x, y in zip(tensors, flat.split([x.numel() for x in tensors])):
@@ -1189,15 +1120,15 @@ def total(tensors):
 
 def on_main(fn, *args):
     """fn(*args) in process 0 alone (files are written once); the others wait for its result."""
-    result = [fn(*args) if world()[0] == 0 else None]
-    if world()[1] > 1:
+    result = [fn(*args) if RANK == 0 else None]
+    if WORLD > 1:
         dist.broadcast_object_list(result)
     return result[0]
 
 # --- Runs that stop. Every iteration's folder is written under a temporary name and renamed when
 # complete, so a run killed at any point keeps its complete iterations; --resume continues
 # after the last one with the same random streams (each phase is seeded by its iteration).
-NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "device",
+NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare",
                     "annotator_specs", "sample_batch"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
@@ -1205,7 +1136,7 @@ PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
 def phase_seed(seed, iteration, phase):
     """A seed per phase, iteration and process: a resumed run draws what an uninterrupted one
     would. Training's is the same in every process, so that all shuffle the pairs alike."""
-    rank = 0 if phase == "train" else world()[0]
+    rank = 0 if phase == "train" else RANK
     return (seed * 1_000_003 + iteration * 101 + PHASES[phase] + 7919 * rank) % 2**31
 
 def write_atomic(path, text):
@@ -1240,10 +1171,7 @@ def check_out(args):
         fail(f"--out {args.out} already holds a run ({complete_iterations(args.out)} complete "
              "iterations); add --resume to continue it or --overwrite to start again")
     if ours and args.resume:
-        if not os.path.isfile(config_path):
-            fail(f"--resume: {args.out} has no config.json, so its settings are unknown; "
-                 "use --overwrite")
-        saved = read_json(config_path)
+        saved = read_json(config_path) if os.path.isfile(config_path) else {}
         diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (now {settings.get(k)})"
                  for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
         if diffs:
@@ -1261,11 +1189,8 @@ def claim_out(args):
     write_atomic(os.path.join(args.out, "config.json"),
                  json.dumps(run_settings(args), indent=1) + "\n")
 
-def eval_json(responses, logps):
-    return json.dumps({"responses": responses, "logps": logps.tolist()})
-
 def load_eval(path):
-    saved = read_json(path)
+    saved = read_json(path)  # initial_eval.json or eval.json: held-out responses, log-probs
     return saved["responses"], torch.tensor(saved["logps"])
 
 def jsonl_line(row):
@@ -1291,11 +1216,11 @@ def save_iteration(out, t, model, tokenizer, rows, ev, metrics):
     error removes the half-written folder and leaves the complete iterations intact."""
     final = os.path.join(out, f"iteration_{t}")
     try:
-        publish(final, model, tokenizer, {
-            "pairs.jsonl": "".join(map(jsonl_line, rows)), "metrics.json": jsonl_line(metrics),
-            "eval.json": eval_json(ev.previous, ev.previous_logps)})
-        metrics_lines = map(jsonl_line, read_metrics(out))
-        write_atomic(os.path.join(out, "metrics.jsonl"), "".join(metrics_lines))
+        held_out = {"responses": ev.previous, "logps": ev.previous_logps.tolist()}
+        publish(final, model, tokenizer, {"pairs.jsonl": "".join(map(jsonl_line, rows)),
+                                          "metrics.json": jsonl_line(metrics),
+                                          "eval.json": json.dumps(held_out)})
+        write_atomic(f"{out}/metrics.jsonl", "".join(map(jsonl_line, read_metrics(out))))
     except OSError as e:
         shutil.rmtree(final + ".tmp", ignore_errors=True)
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
@@ -1311,7 +1236,7 @@ def read_metrics(out):
 def start_run(args):
     """Every input checked before anything expensive, then pi_t (pi_0, or the last complete
     iteration on --resume), the panel and pi_0's held-out samples; `start` is the first t."""
-    device = pick_device(args.device)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # see DTYPE
     prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
     held_out, chunks = split_prompts(prompts, args)
     given = (split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
@@ -1320,7 +1245,7 @@ def start_run(args):
     start = on_main(check_out, args)
     print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
                                 if k not in ("annotator_specs", "warmup")))
-    print(f"device: {device}" + (f" in {world()[1]} processes" if world()[1] > 1 else "")
+    print(f"device: {device}" + (f" in {WORLD} processes" if WORLD > 1 else "")
           + f", {len(held_out)} held-out prompts, {len(chunks)} chunks of "
           + (f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts")
           + (f"; resuming after iteration {start}" if start else ""))
@@ -1336,25 +1261,25 @@ def start_run(args):
         model, tokenizer = (build_sft(args, device, base, conversations) if conversations
                             else load_policy(args, device, base))
     args.sample_batch = sample_batch(model, args, device)
-    panel = build_panel(args, model, tokenizer, device)
+    panel = build_panel(args, device)
     on_main(claim_out, args)
 
     # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
     # comparison (and saved, so that a resumed run compares against the very same samples).
     repeated = [p for p in held_out for _ in range(args.eval_samples)]
-    ev = SimpleNamespace(prompts=[prompt_text(p) for p in repeated], ids=[
+    ev = SimpleNamespace(prompts=repeated, ids=[
         encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in repeated])
     initial_path = os.path.join(args.out, "initial_eval.json")
     if start:
         ev.initial, ev.initial_logps = load_eval(initial_path)
-        ev.previous, ev.previous_logps = load_eval(
-            os.path.join(args.out, f"iteration_{start}", "eval.json"))
+        ev.previous, ev.previous_logps = load_eval(f"{args.out}/iteration_{start}/eval.json")
     else:
         torch.manual_seed(phase_seed(args.seed, 0, "eval"))
         ev.initial = sample(model, tokenizer, ev.ids, 1, args, "sample pi_0")
         ev.initial_logps = batched_logprobs(model, ev.ids, ev.initial, tokenizer.pad_token_id,
                                             args.sample_batch)
-        on_main(write_atomic, initial_path, eval_json(ev.initial, ev.initial_logps))
+        on_main(write_atomic, initial_path,
+                json.dumps({"responses": ev.initial, "logps": ev.initial_logps.tolist()}))
         ev.previous, ev.previous_logps = ev.initial, ev.initial_logps  # pi_t's, log pi_t
     ev.initial_texts = decode(tokenizer, ev.initial)
     reward = panel.reward(ev.initial_texts)
@@ -1382,11 +1307,10 @@ def build_sft(args, device, base, conversations):
     on_main(publish, folder, model, tokenizer, {"sft.json": json.dumps(recipe)})
     return model, tokenizer  # trained in memory: the saved copy need not be loaded again
 
-def finish_iteration(r, t, rows, metrics):
-    """Save iteration t + 1 (atomically), record its metrics and print its one line."""
-    on_main(save_iteration, r.out, t + 1, r.model, r.tokenizer, rows, r.ev, metrics)
-    r.history.append(metrics)
-    m = metrics
+def finish_iteration(r, t, rows, m):
+    """Save iteration t + 1 (atomically), record its metrics m and print its one line."""
+    on_main(save_iteration, r.out, t + 1, r.model, r.tokenizer, rows, r.ev, m)
+    r.history.append(m)
     print(f"iter {t + 1} | loss {m['loss']:.4f} | mse {m['regression_mse']:.4f} "
           f"| sign {m['sign_agreement']:.2f} | win {m['win_rate_vs_initial']:.3f} "
           + (f"| reward {m['true_reward']:+.3f} " if m["true_reward"] is not None else "")
@@ -1420,8 +1344,8 @@ def main(argv=None):
     except KeyboardInterrupt:
         argv = [a for a in (sys.argv[1:] if argv is None else argv)
                 if a not in ("--overwrite", "--resume")]
-        launch = f"torchrun --nproc_per_node {world()[1]}" if world()[1] > 1 else "python"
-        if world()[0] == 0:
+        launch = f"torchrun --nproc_per_node {WORLD}" if WORLD > 1 else "python"
+        if RANK == 0:
             print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations "
                   f"are kept in {args.out}/. Resume with: {launch} irepo.py "
                   f"{shlex.join(argv + ['--resume'])}", file=sys.stderr)
@@ -1468,15 +1392,11 @@ def pair_weights(scheme, log_pi, r, k=4):
         return 2 * pi[:, I] * pi[:, J]
     prefs = torch.sigmoid(r[:, :, None] - r[:, None, :]) * (1 - torch.eye(Y, dtype=r.dtype))
     rank = zermelo_scores(prefs, prior=0.0).argsort(-1).argsort(-1)  # 0 = worst
-    w = torch.zeros(X, len(I), dtype=r.dtype)
-    for x in range(X):
-        q = pi[x][rank[x].argsort()]  # probabilities in rank order, worst first
-        mass = lambda lo, hi: q[lo:hi + 1].sum() ** k if hi >= lo else 0.0
-        for m, (i, j) in enumerate(zip(I.tolist(), J.tolist())):
-            lo, hi = sorted((int(rank[x, i]), int(rank[x, j])))
-            # P(min rank = lo and max rank = hi) over k draws, by inclusion-exclusion.
-            w[x, m] = mass(lo, hi) - mass(lo + 1, hi) - mass(lo, hi - 1) + mass(lo + 1, hi - 1)
-    return w
+    cdf = F.pad(torch.zeros_like(pi).scatter(1, rank, pi).cumsum(-1), (1, 0))  # in rank order
+    mass = lambda lo, hi: (cdf.gather(1, hi + 1) - cdf.gather(1, lo)).clamp(min=0) ** k
+    lo, hi = torch.minimum(rank[:, I], rank[:, J]), torch.maximum(rank[:, I], rank[:, J])
+    # P(min rank = lo and max rank = hi) over k draws from pi, by inclusion-exclusion.
+    return mass(lo, hi) - mass(lo + 1, hi) - mass(lo, hi - 1) + mass(lo + 1, hi - 1)
 
 def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
     """Minimize sum_pairs w * irepo_loss over a table of logits from pi_ref (L-BFGS, float64);
@@ -1516,9 +1436,8 @@ def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "b
     return out
 
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
-    """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), the suboptimality
-    J(pi*) - J(pi_N) = beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean, stderr)} over
-    the seeds, one world per seed."""
+    """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), J(pi*) - J(pi_N) =
+    beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean, stderr)}, a world per seed."""
     gaps = {n: [] for n in ns}
     for seed in range(seeds):
         log_ref, r = tabular_world(1000 + seed)
@@ -1572,27 +1491,26 @@ def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
 
 def theory_report():
     """Print one table per claim. Returns nothing; the tests assert the same functions."""
-    tic = time.time()
-    print("Claim 1. Exact preferences: the minimizer of the iREPO loss is "
-          "pi* = pi_ref exp(r/beta)/Z\n  max |log pi - log pi*| over 4 prompts x 6 responses")
-    opt = theory_optimality()
-    schemes = ("uniform", "on-policy", "best-worst")
-    print(f"  {'beta':>6} " + " ".join(f"{s:>12}" for s in schemes))
+    tic, schemes = time.time(), ("uniform", "on-policy", "best-worst")
+    print("Claim 1. Exact preferences: the minimizer of the iREPO loss is pi* = pi_ref exp(r/beta)"
+          "/Z\n  max |log pi - log pi*| over 4 prompts x 6 responses\n  {:>6} {:>12} {:>12} {:>12}"
+          .format("beta", *schemes))
+    opt = theory_optimality(schemes=schemes)
     for beta in sorted({b for b, _ in opt}):
         print(f"  {beta:>6} " + " ".join(f"{opt[beta, s]:>12.1e}" for s in schemes))
     print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
-          "\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds")
+          f"\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds\n  {'N':>5} "
+          f"{'beta*KL':>10} {'+-stderr':>10}")
     ann = theory_annotators()
-    print(f"  {'N':>5} {'beta*KL':>10} {'+-stderr':>10}")
     for n, (gap, se) in ann.items():
         print(f"  {n:>5} {gap:>10.5f} {se:>10.5f}")
     x = torch.tensor([math.log(n) for n in ann], dtype=torch.float64)
-    y = torch.tensor([math.log(v[0]) for v in ann.values()], dtype=torch.float64)
+    y = torch.tensor([math.log(g) for g, _ in ann.values()], dtype=torch.float64)
     slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
     tail = float((y[-1] - y[-3]) / (x[-1] - x[-3]))
     print(f"  log-log slope: {slope:.2f} over all N, {tail:.2f} over N >= 16 (variance alone: -1)")
-    print("\nClaim 3. T iterations with reference pi_t reach pi_0 exp(T r / beta) / Z (beta = 1)")
-    print(f"  {'T':>3} {'max |log pi_T - log pi*_(beta/T)|':>36}")
+    print("\nClaim 3. T iterations with reference pi_t reach pi_0 exp(T r / beta) / Z (beta = 1)"
+          f"\n  {'T':>3} {'max |log pi_T - log pi*_(beta/T)|':>36}")
     for t, err in theory_iterations().items():
         print(f"  {t:>3} {err:>36.1e}")
     print("\nClaim 4. One vote per pair: log-ratio gap (winner - loser) under gradient descent, "
@@ -1632,24 +1550,22 @@ def matched_rewards(rows, levels):
     return out
 
 def verdict(table, level):
-    """'a > b' for each pair of losses where every seed of a beats every seed of b at this
-    level (with 3 seeds each, a chance of 1/20 if the two losses were the same), else 'within
-    noise'."""
+    """'a > b' for each pair of losses where every seed of a beats every seed of b at this level
+    (with 3 seeds each, a 1/20 chance if a and b were the same loss); else 'within noise'."""
     have = {loss: v[level] for loss, v in table.items() if len(v.get(level, [])) >= 2}
     wins = [f"{a} > {b}" for a in have for b in have if a != b and min(have[a]) > max(have[b])]
     return ", ".join(wins) or "within noise"
 
 def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
-    """Run every loss over its beta grid and `seeds` seeds from the same (shared) warm-up;
-    write frontier.jsonl (every point); print the true reward at matched KL levels, spread
-    over the KL range that every loss and seed reaches, so that no frontier is extrapolated."""
+    """Every loss over its beta grid and `seeds` seeds, from one shared warm-up; frontier.jsonl; the
+    true reward at KL levels inside every loss's and seed's range (nothing is extrapolated)."""
     rows = []
     for loss, betas in grid.items():
         for beta in betas:
             for s in range(args.seed, args.seed + seeds):
-                sub = SimpleNamespace(**vars(args))
-                sub.loss, sub.beta, sub.seed, sub.overwrite, sub.resume = loss, beta, s, True, False
-                sub.out = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{s}")
+                out = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{s}")
+                sub = SimpleNamespace(**dict(vars(args), loss=loss, beta=beta, seed=s, out=out,
+                                             overwrite=True, resume=False))
                 print(f"\n=== --loss {loss} --beta {beta} --seed {s} ===")
                 keys = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
                 rows += [dict(loss=loss, beta=beta, seed=s, **{k: m[k] for k in keys})

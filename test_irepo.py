@@ -263,9 +263,8 @@ BAD_INPUTS = [
     (["--num-annotators", "0"], "--num-annotators 0: must be >= 1"),
     (["--iterations", "0"], "--iterations 0: must be >= 1"),
     (["--beta", "nan"], "--beta nan: must be > 0"),
-    (["--prompts", "/nonexistent/p.txt"], "--prompts /nonexistent/p.txt: no such file"),
+    (["--prompts", "/nonexistent/p.txt"], "--prompts /nonexistent/p.txt: cannot be read (No such file"),
     (["--loss", "kto"], "argument --loss: invalid choice"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "not available here"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--annotators", "human"], "--annotators human: people are not asked at the terminal; collect their votes"),
     (["--annotators", "sim,human:3"], "--annotators sim,human:3: people are not asked"),
@@ -293,7 +292,7 @@ def test_bad_prompts_files_name_the_file_and_line(tmp_path, capsys):
     missing_field.write_text('{"text": "no prompt here"}\n')
     cases = [(empty, f"--prompts {empty}: the file holds no prompt"),
              (bad, f"{bad}:2: malformed JSON"),
-             (missing_field, f"{missing_field}:1: needs a non-empty string field 'prompt'")]
+             (missing_field, f"{missing_field}:1: field 'prompt' must be a non-empty string, got None")]
     for path, message in cases:
         with pytest.raises(SystemExit) as stop:
             irepo.main(["--prompts", str(path), "--out", str(tmp_path / "out")])
@@ -479,7 +478,7 @@ def test_refuses_to_mix_runs(warm_tiny, tmp_path):
     assert_one_line_error(cli(*small_run_args(out)), f"--out {out} already holds a run (2 complete iterations)")
     proc = cli(*small_run_args(out, "--resume", "--beta", "0.5", "--num-responses", "3"))
     assert_one_line_error(proc, "was written with other settings: --beta 1.0 (now 0.5), --num-responses 4 (now 3)")
-    assert_one_line_error(cli(*small_run_args(out, "--resume", "--overwrite")), "--resume and --overwrite: choose one")
+    assert_one_line_error(cli(*small_run_args(out, "--resume", "--overwrite")), "argument --overwrite: not allowed with argument --resume")
     proc = cli(*small_run_args(out, "--overwrite", "--iterations", "1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not (out / "iteration_2").exists() and (out / "iteration_1").exists()
@@ -544,10 +543,11 @@ def test_pairs_file_reproduces_a_training_step(warm_tiny, tmp_path):
 
 
 def test_pairs_file_with_text_only_and_degenerate_pairs(warm_tiny, tmp_path):
-    """Pairs given as text (no token ids), labelled by target_logit, p_hat or votes, train; pairs
-    of identical or empty responses are skipped and counted in skipped_pairs."""
+    """Pairs given as text (no token ids), labelled by votes (smoothed; they win over a p_hat on
+    the same line) or by p_hat (as given), train; pairs of identical or empty responses are
+    skipped and counted in skipped_pairs."""
     lines = [
-        {"prompt": "review the hotel", "response_a": "the hotel was great .", "response_b": "the hotel was bad .", "target_logit": 2.0},
+        {"prompt": "review the hotel", "response_a": "the hotel was great .", "response_b": "the hotel was bad .", "votes_a": 4, "n_annotators": 4, "p_hat": 0.1},
         {"prompt": "describe the car", "response_a": "the car was fun .", "response_b": "the car was dull .", "p_hat": 0.8},
         {"prompt": "review the book", "response_a": "the book was poor .", "response_b": "the book was good .", "votes_a": 1, "n_annotators": 4},
         {"prompt": "review the park", "response_a": "the park was fine .", "response_b": "the park was fine .", "p_hat": 0.5},
@@ -559,7 +559,7 @@ def test_pairs_file_with_text_only_and_degenerate_pairs(warm_tiny, tmp_path):
     rows = run_with_warmup(warm_tiny, str(out), "--iterations", "1", "--pairs", str(path))
     assert rows[0]["pairs"] == 3 and rows[0]["skipped_pairs"] == 2
     saved = [json.loads(line) for line in open(out / "iteration_1" / "pairs.jsonl")]
-    assert [p["target_logit"] for p in saved] == pytest.approx([2.0, math.log(4.0), math.log(1.5 / 3.5)])
+    assert [p["target_logit"] for p in saved] == pytest.approx([math.log(9.0), math.log(4.0), math.log(1.5 / 3.5)])
 
 
 def assert_main_stops(argv, message):
@@ -590,16 +590,16 @@ def test_bad_pairs_files_name_the_line_and_field(tmp_path):
     """Every malformed pairs file stops before any work, naming the file, line and field."""
     good = '{"prompt": "p", "response_a": "a", "response_b": "b", "p_hat": 0.7}'
     cases = {
-        "missing.jsonl": (None, "--pairs {path}: no such file"),
+        "missing.jsonl": (None, "--pairs {path}: cannot be read (No such file"),
         "empty.jsonl": ("\n", "--pairs {path}: the file holds no pair"),
         "latin1.jsonl": (b"\xe9t\xe9\n", "--pairs {path}: not UTF-8 text"),
         "broken.jsonl": (good + "\n{not json\n", "{path}:2: malformed JSON"),
         "array.jsonl": ("[1, 2]\n", "{path}:1: expected a JSON object"),
         "nofield.jsonl": ('{"prompt": "p", "response_a": "a", "p_hat": 0.5}\n', "{path}:1: field 'response_b' must be a string"),
         "phat.jsonl": (good + "\n" + good.replace("0.7", "1.0") + "\n", "{path}:2: field 'p_hat' must be a number strictly between 0 and 1"),
-        "nan.jsonl": (good.replace('"p_hat": 0.7', '"target_logit": NaN') + "\n", "{path}:1: field 'target_logit' must be a finite number"),
+        "nan.jsonl": (good.replace('"p_hat": 0.7', '"p_hat": NaN') + "\n", "{path}:1: field 'p_hat' must be a number strictly between 0 and 1"),
         "votes.jsonl": (good.replace('"p_hat": 0.7', '"votes_a": 5, "n_annotators": 4') + "\n", "{path}:1: field 'votes_a' must be a number in [0, n_annotators]"),
-        "nolabel.jsonl": (good.replace(', "p_hat": 0.7', '') + "\n", "{path}:1: needs a field 'target_logit', 'p_hat', or 'votes_a'"),
+        "nolabel.jsonl": (good.replace(', "p_hat": 0.7', '') + "\n", "{path}:1: field 'p_hat' must be a number strictly between 0 and 1 (or give 'votes_a' and 'n_annotators'), got None"),
         "ids.jsonl": (good.replace("}", ', "a_ids": [1, -2]}') + "\n", "{path}:1: field 'a_ids' must be a list of token ids"),
     }
     assert_bad_files_stop(tmp_path, "--pairs", cases)
@@ -828,17 +828,23 @@ def test_llm_judge_annotator(warm_tiny, llm_dirs, tmp_path):
 
 
 def test_judge_averages_both_orders(llm_dirs):
-    """The judge's answer for (a, b) is 1 - its answer for (b, a): asking in both orders and
-    averaging cancels position bias exactly."""
+    """The judge's answer for (a, b) is 1 - its answer for (b, a), and exactly 1/2 for a pair of
+    identical responses, although a random judge asked in one order has a position bias: asking
+    in both orders and averaging cancels it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(llm_dirs["mistral"])
     tok.chat_template = irepo.CHAT_TEMPLATES["chatml"]
-    judge = irepo.JudgeAnnotator(AutoModelForCausalLM.from_pretrained(llm_dirs["mistral"]).eval(), tok, 4, 512)
+    model = AutoModelForCausalLM.from_pretrained(llm_dirs["mistral"]).eval()
+    judge = irepo.JudgeAnnotator(model, tok, 4, 512)
     q, a, b = ["review the hotel"] * 3, ["the hotel was great .", "the food was bad .", "fine"], ["the hotel was bad .", "the room was fun .", "dull"]
     ab, ba = judge.compare(q, a, b)[:, 0], judge.compare(q, b, a)[:, 0]
     assert torch.allclose(ab + ba, torch.ones(3), atol=1e-6)
-    one_order = judge.p_first(q, a, b)
-    assert not torch.allclose(one_order, ab, atol=1e-4)  # a random judge has a position bias
+    assert torch.allclose(judge.compare(q, a, a)[:, 0], torch.full((3,), 0.5), atol=1e-6)
+    ids = irepo.encode_prompt(tok, irepo.JUDGE_QUESTION.format(prompt=q[0], a=a[0], b=a[0]))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1]
+    one_order = torch.sigmoid(logits[judge.labels[0]] - logits[judge.labels[1]])
+    assert abs(float(one_order) - 0.5) > 1e-4  # a random judge has a position bias
 
 
 def test_reward_model_annotator(warm_tiny, llm_dirs, tmp_path):
@@ -856,10 +862,11 @@ def test_reward_model_annotator(warm_tiny, llm_dirs, tmp_path):
         assert p["votes_a"] == pytest.approx(float(torch.sigmoid(r[0] - r[1])), abs=1e-4)
 
 
-def test_self_judge_mixed_with_simulated(warm_tiny, tmp_path):
-    """'self,sim:3' mixes the policy-as-judge with 3 simulated voters: 4 answers per pair."""
+def test_judge_mixed_with_simulated(warm_tiny, llm_dirs, tmp_path):
+    """'judge:DIR,sim:3' mixes an LLM judge with 3 simulated voters: 4 answers per pair, and the
+    true reward is known (from the simulated voters)."""
     out = tmp_path / "run"
-    proc = small_tiny_run(warm_tiny, str(out), "--annotators", "self,sim:3")
+    proc = small_tiny_run(warm_tiny, str(out), "--annotators", f"judge:{llm_dirs['mistral']},sim:3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(p["n_annotators"] == 4 for p in saved_pairs(out))
     assert json.loads((out / "metrics.jsonl").read_text())["true_reward"] is not None
@@ -889,17 +896,6 @@ def test_missing_model_folders_stop_before_any_work(tmp_path):
                         (["--annotators", "sim,rm:./no/such/rm"], "--annotators rm:./no/such/rm")):
         assert_main_stops(argv + ["--out", str(tmp_path / "out")], f"{label}: no such folder")
         assert not (tmp_path / "out").exists()
-
-
-def test_prompts_with_chat_messages(tmp_path):
-    """.jsonl prompts may be chat 'messages'; a trailing assistant turn is dropped."""
-    path = tmp_path / "chat.jsonl"
-    path.write_text(json.dumps({"messages": [{"role": "user", "content": "review the hotel"},
-                                             {"role": "assistant", "content": "the hotel was fine ."}]}) + "\n"
-                    + json.dumps({"prompt": "describe the car"}) + "\n")
-    prompts = irepo.read_prompts(str(path))
-    assert prompts == [[{"role": "user", "content": "review the hotel"}], "describe the car"]
-    assert irepo.prompt_text(prompts[0]) == "review the hotel"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1069,7 +1065,7 @@ def test_bad_sft_files_stop_before_any_model_is_loaded(tmp_path):
     line and field, exit 2, before --out is touched or any model loaded."""
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     cases = {
-        "missing.jsonl": (None, "--sft {path}: no such file"),
+        "missing.jsonl": (None, "--sft {path}: cannot be read (No such file"),
         "empty.jsonl": ("\n", "--sft {path}: the file holds no conversation"),
         "latin1.jsonl": (b"\xe9t\xe9\n", "--sft {path}: not UTF-8 text"),
         "broken.jsonl": (json.dumps(good) + "\n{not json\n", "{path}:2: malformed JSON"),
