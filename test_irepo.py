@@ -1236,16 +1236,21 @@ def test_two_processes_killed_after_an_iteration_resume(two_processes, tmp_path)
     assert metrics_without_timing(out) == metrics_without_timing(reference)
 
 
-def test_two_processes_stop_together_with_one_line(warm_tiny, tmp_path):
-    """A bad input, met by both processes, is reported once and stops both; so is a failure in
-    training (a learning rate that makes the gradient non-finite). Nothing hangs (timeouts)."""
+def test_two_processes_stop_together_with_one_line(warm_tiny, two_processes, tmp_path):
+    """A bad input, met by both processes, is reported once and stops both; so is the refusal to
+    write into another run's --out (checked by process 0 alone), and a failure in training (a
+    learning rate that makes the gradient non-finite). Nothing hangs (every launch has a timeout)."""
     tic = time.time()
     proc = torchrun("--eval-prompts", "1000", "--out", str(tmp_path / "a"), timeout=120)
     assert proc.returncode != 0 and len(our_errors(proc.stderr)) == 1, proc.stderr[-3000:]
     assert "--eval-prompts 1000: only 640 prompts exist" in our_errors(proc.stderr)[0]
+    taken, _ = two_processes
+    proc = torchrun(*small_run_args(taken, "--iterations", "3"), timeout=120)
+    assert proc.returncode != 0 and len(our_errors(proc.stderr)) == 1, proc.stderr[-3000:]
+    assert f"--out {taken} already holds a run (3 complete iterations)" in our_errors(proc.stderr)[0]
     out = tmp_path / "b"
     shutil.copytree(warm_tiny, out / "warmup")
     proc = torchrun(*small_run_args(out, "--lr", "1e30"), timeout=120)
     assert proc.returncode != 0 and len(our_errors(proc.stderr)) == 1, proc.stderr[-3000:]
     assert "became non-finite" in our_errors(proc.stderr)[0]
-    assert not list(out.glob("iteration_*")) and time.time() - tic < 100
+    assert not list(out.glob("iteration_*")) and time.time() - tic < 150
