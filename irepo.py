@@ -579,10 +579,9 @@ def check_targets(rows, t):
 
 # --- The command line: the settings of Part I as flags, checked as they are read.
 def fail(message):
-    """Stop: one line on stderr, exit status 2, no traceback. Under torchrun every process meets
-    the same bad input: process 0 says so, and the others wait to be stopped with it."""
-    if RANK:
-        time.sleep(10)  # torchrun stops this process as soon as process 0 has exited
+    """Stop: one line on stderr, exit status 2, no traceback; under torchrun, from process 0."""
+    if RANK:  # every process meets the same bad input; torchrun stops this one when 0 has exited
+        time.sleep(10)
     print(f"irepo.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
@@ -1087,8 +1086,7 @@ def build_tiny(folder, seed=0, steps=600):
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
 
 def start_processes():
-    """Join the processes torchrun started: NCCL between GPUs and gloo for CPU tensors, or gloo
-    alone on CPUs."""
+    """Join the processes torchrun started: NCCL between GPUs, gloo for CPU tensors (or alone)."""
     global tqdm
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -1355,8 +1353,6 @@ def main(argv=None):
                           if m["true_reward"] is not None)
     print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
           + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 # =============================================================================================
 # PART III. THE THEORY, CHECKED NUMERICALLY, AND THE LOSSES COMPARED.
@@ -1587,3 +1583,7 @@ def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():  # leave together and at once: tearing gloo down can abort the exit
+        dist.barrier()
+        sys.stdout.flush()
+        os._exit(0)
