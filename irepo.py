@@ -12,9 +12,11 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   6. minimize  ( beta*[log pi/pi_t (best) - log pi/pi_t (worst)] - logit p_hat )^2 ;
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
-Part I of this file is the method, in the order above; Part II is the machinery, which changes
-nothing in the method (command line, files, models, LoRA, other annotators, the tiny world, many
-processes, runs that stop); Part III checks the theory and compares the losses.
+Part I of this file is the method: the settings, then the building blocks that the steps use
+(soft labels, losses, log-probabilities, sampling, annotators), then steps 1-7 of one iteration,
+then the loop that runs them. Part II is the machinery, which changes nothing in the method
+(command line, files, models, LoRA, other annotators, the tiny world, many processes, runs that
+stop); Part III checks the theory and compares the losses.
 
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
@@ -54,7 +56,7 @@ import shutil
 import signal
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -62,7 +64,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 # =============================================================================================
-# PART I. THE METHOD, top to bottom in the order of the paper.
+# PART I. THE METHOD: settings, building blocks, steps 1-7 of one iteration, the loop.
 # =============================================================================================
 
 # --- Settings. Each hyperparameter is declared once, here: name (the flag is --name, with dashes),
@@ -114,7 +116,7 @@ PRESETS = {
                        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
 }
 
-# --- Soft labels and ranking (steps 3-4).
+# --- Soft labels and ranking (used by steps 3-4).
 def empirical_preference(votes_a, n_annotators, smoothing=0.5):
     """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing).
 
@@ -138,18 +140,18 @@ def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
         (..., K) log-strengths, centred to mean 0. Fitted by Zermelo's (1929) fixed point,
         the MM algorithm: gamma_i <- W_i / sum_j games_ij / (gamma_i + gamma_j).
     """
-    k = wins.shape[-1]
-    off = 1.0 - torch.eye(k, dtype=torch.float64)
-    w = (wins.double() + prior) * off  # (..., K, K)
-    games = w + w.transpose(-1, -2)  # comparisons between i and j
-    total = w.sum(-1)  # W_i
+    K = wins.shape[-1]
+    off_diagonal = 1.0 - torch.eye(K, dtype=torch.float64)
+    votes = (wins.double() + prior) * off_diagonal  # (..., K, K)
+    games = votes + votes.transpose(-1, -2)  # comparisons between i and j
+    total_wins = votes.sum(-1)  # W_i
     gamma = torch.ones(wins.shape[:-1], dtype=torch.float64)
     for _ in range(iters):
-        new = total / (games / (gamma[..., :, None] + gamma[..., None, :])).sum(-1)
-        new = new / torch.exp(torch.log(new).mean(-1, keepdim=True))  # fix the scale
-        done = (new - gamma).abs().max() < tol
-        gamma = new
-        if done:
+        updated = total_wins / (games / (gamma[..., :, None] + gamma[..., None, :])).sum(-1)
+        updated = updated / torch.exp(torch.log(updated).mean(-1, keepdim=True))  # fix the scale
+        converged = (updated - gamma).abs().max() < tol
+        gamma = updated
+        if converged:
             break
     return torch.log(gamma).float()
 
@@ -172,33 +174,37 @@ def dpo_loss(logratio_a, logratio_b, target_logit, beta):
     return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
 
 def ipo_loss(logratio_a, logratio_b, target_logit, beta):
-    """IPO: the iREPO regression with a constant target 1/2 towards the majority winner,
-    i.e. IPO's (h - 1/(2 beta))^2 times beta^2, so that one learning rate serves all losses."""
+    """IPO: the iREPO regression with a constant target 1/2 towards the majority winner. IPO's
+    own loss is (logratio_w - logratio_l - 1/(2 beta))^2; times beta^2 it is (h - 1/2)^2, so
+    that one learning rate serves all three losses. Returns: (P,) losses."""
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
 
 LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
 
-# --- Log-probabilities (steps 5-7). The one place that owns padding, positions, shifting, masking
-# and the fp32 upcast.
+# --- Log-probabilities (used by steps 5-7). The one place that owns padding, positions, shifting,
+# masking and the fp32 upcast.
 def collate(prompt_ids, response_ids, pad_id, device):
     """Lay out rows as [pad.. prompt | response ..pad]: prompts left-padded (as generate() sees
     them), responses right-padded, the width trimmed to this batch's longest prompt and response.
-    Returns input_ids, attention_mask, response_mask, each (B, P + R)."""
-    P = max(len(p) for p in prompt_ids)
-    R = max(1, max(len(r) for r in response_ids))
-    ids = torch.full((len(prompt_ids), P + R), pad_id, dtype=torch.long)
-    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, P - len(p):P + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        attn[i, P - len(p):P + len(r)] = 1
-        resp[i, P:P + len(r)] = 1
-    return ids.to(device), attn.to(device), resp.to(device)
+    Returns input_ids, attention_mask, response_mask, each (B, prompt_width + response_width)."""
+    prompt_width = max(len(prompt) for prompt in prompt_ids)
+    response_width = max(1, max(len(response) for response in response_ids))
+    shape = (len(prompt_ids), prompt_width + response_width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        start, end = prompt_width - len(prompt), prompt_width + len(response)
+        input_ids[i, start:end] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[i, start:end] = 1
+        response_mask[i, prompt_width:end] = 1
+    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 def left_pad(prompt_ids, pad_id, device):
     """Prompts alone, left-padded to a common length: input_ids and attention_mask (B, P)."""
-    ids, attn, _ = collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)
-    return ids[:, :-1], attn[:, :-1]  # collate leaves one response slot; drop it
+    input_ids, attention_mask, _ = collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)
+    return input_ids[:, :-1], attention_mask[:, :-1]  # collate leaves one response slot
 
 def last_logits(model, input_ids, attention_mask, keep):
     """The logits of the last `keep` positions, (B, keep, V), of left-padded rows. Positions
@@ -212,35 +218,41 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
     """log pi(y|x) summed over the response tokens, one value per row.
 
     Args:
-        input_ids, attention_mask, response_mask: (B, T); response_mask is 1 on response tokens.
+        input_ids, attention_mask, response_mask: (B, W); response_mask is 1 on response tokens.
     Returns:
         (B,) float32 sums of log pi(token | everything before it) over the response tokens.
     """
     # The logit at position i predicts token i+1. Responses sit at the right, so only the last
-    # `keep` positions need the LM head: this skips the (B, T, V) logits of the prompts.
-    T = input_ids.shape[1]
-    first = int(response_mask.any(0).float().argmax()) if response_mask.any() else T - 1
+    # `keep` positions need the LM head: this skips the (B, W, V) logits of the prompts.
+    width = input_ids.shape[1]
+    if response_mask.any():
+        first = int(response_mask.any(0).float().argmax())  # the first response column
+    else:
+        first = width - 1
     first = max(first, 1)  # token 0 has nothing before it to predict it
-    logits = last_logits(model, input_ids, attention_mask, T - first + 1)[:, :-1]  # (B, T-first, V)
-    targets = input_ids[:, first:]  # (B, T - first)
+    keep = width - first + 1
+    logits = last_logits(model, input_ids, attention_mask, keep)[:, :-1]  # (B, W - first, V)
+    targets = input_ids[:, first:]  # (B, W - first)
     mask = response_mask[:, first:].bool()
     # log softmax of the chosen token = its logit - logsumexp(all logits), in fp32. Gathering
-    # first avoids a full (B, T, V) fp32 log-softmax; the upcast is one row at a time.
-    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, T - first)
-    lse = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
-    token_logps = torch.where(mask, chosen - lse, 0.0)  # where, not *: pad logits may be nan
+    # first avoids a full (B, W, V) fp32 log-softmax; the upcast is one row at a time.
+    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, W - first)
+    logsumexp = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
+    token_logps = torch.where(mask, chosen - logsumexp, 0.0)  # where, not *: pad logits may be nan
     return token_logps.sum(-1)
 
 @torch.no_grad()  # frozen: the reference pi_t and every evaluation
 def batched_logprobs(model, prompt_ids, response_ids, pad_id, batch_size):
-    prompt_ids, response_ids, out = shard(prompt_ids), shard(response_ids), []  # see shard()
-    for i in range(0, len(prompt_ids), batch_size):
-        batch = collate(prompt_ids[i:i + batch_size], response_ids[i:i + batch_size], pad_id,
-                        model.device)
-        out += sequence_logprobs(model, *batch).tolist()
-    return torch.tensor(gather(out))
+    """sequence_logprobs of many (prompt, response) rows, batch_size at a time: (rows,)."""
+    my_prompts, my_responses = shard(prompt_ids), shard(response_ids)  # this process's share
+    logps = []
+    for start in range(0, len(my_prompts), batch_size):
+        end = start + batch_size
+        batch = collate(my_prompts[start:end], my_responses[start:end], pad_id, model.device)
+        logps += sequence_logprobs(model, *batch).tolist()
+    return torch.tensor(gather(logps))  # every process's share, in order, in every process
 
-# --- Sampling (step 1): K responses per prompt from the current policy, batched.
+# --- Sampling (used by steps 1 and 7): K responses per prompt from a policy, batched.
 def as_messages(prompt):
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
@@ -257,115 +269,101 @@ def end_of_turn(tokenizer):
     return "<|im_end|>" if "<|im_end|>" in (tokenizer.chat_template or "") else None
 
 @torch.no_grad()
-def sample(model, tokenizer, prompt_ids, k, args, desc):
+def sample(model, tokenizer, prompt_ids, k, temperature, max_new_tokens, batch_size, desc):
     """k responses per prompt: len(prompt_ids) * k token-id lists, grouped by prompt, each cut
     after its first EOS or end-of-turn marker (kept: pi learns to end turns) or max_new_tokens."""
-    eos, pad, marker = tokenizer.eos_token_id, tokenizer.pad_token_id, end_of_turn(tokenizer)
+    marker = end_of_turn(tokenizer)
     marker_ids = tokenizer(marker, add_special_tokens=False)["input_ids"] if marker else []
-    stops = [eos] + marker_ids[-1:] if len(marker_ids) == 1 else [eos]  # single tokens
-    responses, size, prompt_ids = [], args.sample_batch, shard(prompt_ids)  # see shard()
-    for i in tqdm(range(0, len(prompt_ids), size), desc=desc, leave=False):
-        ids, attn = left_pad(prompt_ids[i:i + size], pad, model.device)
-        # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature);
-        # a marker of several tokens is caught as a string (stop_strings).
-        out = model.generate(input_ids=ids, attention_mask=attn, do_sample=True, top_k=0,
-                             top_p=1.0, temperature=args.temperature,
-                             max_new_tokens=args.max_new_tokens, num_return_sequences=k,
-                             pad_token_id=pad, eos_token_id=stops, tokenizer=tokenizer,
-                             stop_strings=[marker] if len(marker_ids) > 1 else None)
-        for row in out[:, ids.shape[1]:].tolist():
-            end = next((j + 1 for j, token in enumerate(row) if token in stops), len(row))
-            if len(marker_ids) > 1:  # the shortest prefix whose text holds the marker
-                low, high = 0, end
-                while low < high:
-                    mid = (low + high) // 2
-                    found = marker in tokenizer.decode(row[:mid])
-                    low, high = (low, mid) if found else (mid + 1, high)
-                end = low
-            responses.append(row[:end])
-    return gather(responses, k)
+    stops = [tokenizer.eos_token_id]  # token ids that end a response
+    if len(marker_ids) == 1:
+        stops.append(marker_ids[0])
+    long_marker = marker if len(marker_ids) > 1 else None  # caught as a string, then cut
+    my_prompts, responses = shard(prompt_ids), []  # this process's share of the prompts
+    for start in tqdm(range(0, len(my_prompts), batch_size), desc=desc, leave=False):
+        input_ids, attention_mask = left_pad(my_prompts[start:start + batch_size],
+                                             tokenizer.pad_token_id, model.device)
+        # top_k=0 and top_p=1 so that the samples come from pi_t itself (at this temperature).
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+                             top_k=0, top_p=1.0, temperature=temperature,
+                             max_new_tokens=max_new_tokens, num_return_sequences=k,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+                             tokenizer=tokenizer,
+                             stop_strings=[long_marker] if long_marker else None)
+        for row in out[:, input_ids.shape[1]:].tolist():
+            row = row[:end_of_response(row, stops)]
+            if long_marker:
+                row = row[:cut_at_marker(tokenizer, row, long_marker)]
+            responses.append(row)
+    return gather(responses, k)  # every process's share, a prompt's k together, in order
 
 def decode(tokenizer, responses):
     """The texts annotators see: special tokens and the end-of-turn marker left out."""
     marker = end_of_turn(tokenizer)
-    texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-    return [(t.split(marker)[0] if marker else t).strip() for t in texts]
+    texts = []
+    for response in responses:
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        texts.append((text.split(marker)[0] if marker else text).strip())
+    return texts
 
-# --- Annotators (step 2). Every annotator answers, for each pair (a, b), n_annotators values in
-# [0, 1]: a vote or a probability that a is better than b. A panel stacks its annotators'
-# answers. Part II adds an LLM judge and a reward model; people's votes come in with --pairs.
-class Annotator:
-    """The protocol. compare() is required; reward() is the true reward of each text where the
-    annotator knows it (only the simulated one does), else None."""
-    n_annotators = 1  # answers per pair
-
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, n_annotators)
-        raise NotImplementedError
-
-    def reward(self, texts):  # -> (P,) or None
-        return None
-
-POSITIVE = "great good lovely wonderful fun amazing".split()
-NEGATIVE = "bad awful boring terrible dull poor".split()
-
-def hidden_rewards(texts):
-    """The simulated annotators' reward: (# positive words) - (# negative words), per text."""
-    return torch.tensor([sum((w in POSITIVE) - (w in NEGATIVE) for w in t.split()) for t in texts],
-                        dtype=torch.float32)
-
-class SimulatedAnnotators(Annotator):
-    """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
-    votes for a with probability sigma(sharpness * (r(a) - r(b))); `gen`: the panel's stream."""
-
-    def __init__(self, n_annotators, sharpness, gen):
-        self.n_annotators, self.sharpness, self.gen = n_annotators, sharpness, gen
-
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
-        p = torch.sigmoid(self.sharpness * (hidden_rewards(texts_a) - hidden_rewards(texts_b)))
-        return torch.bernoulli(p[:, None].expand(-1, self.n_annotators), generator=self.gen)
-
-    def reward(self, texts):
-        return hidden_rewards(texts)
-
+# --- Annotators (used by steps 2 and 7). Each annotator answers, for each pair (a, b), values in
+# [0, 1]: votes or probabilities that a is better than b. Part II has them: simulated
+# Bradley-Terry voters, an LLM judge, a reward model; people's votes come in with --pairs.
 class Panel:
-    """The annotators together: compare() stacks their answers into (P, N), asking about
-    `group` consecutive pairs (a prompt's) at a time in each process (see shard())."""
+    """The annotators together: compare() stacks their answers into (P, N)."""
 
     def __init__(self, annotators, gen):
-        self.annotators, self.gen = annotators, gen
+        self.annotators = annotators
+        self.gen = gen  # the simulated votes' random stream
 
     def compare(self, prompts, texts_a, texts_b, group=1):
-        mine = [shard(x, group) for x in (prompts, texts_a, texts_b)]
-        answers = [a.compare(*mine) for a in self.annotators] if mine[0] else []
-        return torch.tensor(gather(torch.cat(answers, 1).tolist() if answers else [], group))
+        """Each process asks about its share of the pairs, `group` consecutive pairs (a prompt's)
+        at a time; every process gets all the answers, in order."""
+        my_prompts = shard(prompts, group)  # this process's share of the pairs
+        my_texts_a, my_texts_b = shard(texts_a, group), shard(texts_b, group)
+        my_answers = []
+        if my_prompts:
+            answers = [annotator.compare(my_prompts, my_texts_a, my_texts_b)
+                       for annotator in self.annotators]
+            my_answers = torch.cat(answers, 1).tolist()
+        return torch.tensor(gather(my_answers, group))
 
     def reward(self, texts):
         """The true reward, from the first annotator that knows it; None if none does."""
-        return next((r for a in self.annotators if (r := a.reward(texts)) is not None), None)
+        for annotator in self.annotators:
+            rewards = annotator.reward(texts)
+            if rewards is not None:
+                return rewards
+        return None
 
 # --- Steps 1-4 of one iteration: sample, annotate, rank, label.
 def annotate(panel, prompts, texts, k, smoothing):
     """Steps 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
-    them; the best-vs-worst pair and its soft label are kept. Returns a list of dicts (one per
-    prompt) with best, worst (indices among the k), votes_a, n_annotators, p_hat, target."""
-    pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    flat = [(prompt, texts[q * k + i], texts[q * k + j])
-            for q, prompt in enumerate(prompts) for i, j in pairs]
-    answers = panel.compare(*map(list, zip(*flat)), group=len(pairs))  # (prompts * pairs, N)
-    n = answers.shape[1]
-    votes = answers.sum(-1).view(len(prompts), len(pairs))  # for a
-    wins = torch.zeros(len(prompts), k, k)
-    for m, (i, j) in enumerate(pairs):
-        wins[:, i, j], wins[:, j, i] = votes[:, m], n - votes[:, m]
-    scores = zermelo_scores(wins)  # (prompts, k)
+    them; the best-vs-worst pair and its soft label are kept. texts: the k responses of each
+    prompt, grouped by prompt. Returns one dict per prompt: best and worst (indices among the
+    k), votes_a, n_annotators, p_hat, target_logit = logit p_hat, and the Zermelo scores."""
+    index_pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+    pair_prompts, pair_texts_a, pair_texts_b = [], [], []  # every pair of every prompt
+    for number, prompt in enumerate(prompts):
+        for i, j in index_pairs:
+            pair_prompts.append(prompt)
+            pair_texts_a.append(texts[number * k + i])
+            pair_texts_b.append(texts[number * k + j])
+    answers = panel.compare(pair_prompts, pair_texts_a, pair_texts_b, group=len(index_pairs))
+    n_annotators = answers.shape[1]  # answers: (prompts * pairs, N)
+    votes = answers.sum(-1).view(len(prompts), len(index_pairs))  # for the first of each pair
+    wins = torch.zeros(len(prompts), k, k)  # wins[:, i, j]: votes for i over j
+    for column, (i, j) in enumerate(index_pairs):
+        wins[:, i, j] = votes[:, column]
+        wins[:, j, i] = n_annotators - votes[:, column]
+    scores = zermelo_scores(wins)  # step 3: (prompts, k)
     best, worst = scores.argmax(-1), scores.argmin(-1)
-    rows = torch.arange(len(prompts))
-    votes_best = wins[rows, best, worst]
-    p_hat = empirical_preference(votes_best, n, smoothing)  # step 4: the soft label
-    target = preference_logit(p_hat)
+    votes_best = wins[torch.arange(len(prompts)), best, worst]
+    p_hat = empirical_preference(votes_best, n_annotators, smoothing)  # step 4: the soft label
+    target_logit = preference_logit(p_hat)
     return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
-                 n_annotators=n, p_hat=float(p_hat[q]),
-                 target_logit=float(target[q]), scores=[round(float(s), 4) for s in scores[q]])
+                 n_annotators=n_annotators, p_hat=float(p_hat[q]),
+                 target_logit=float(target_logit[q]),
+                 scores=[round(float(score), 4) for score in scores[q]])
             for q in range(len(prompts))]
 
 def degenerate(text_a, text_b):
@@ -373,208 +371,220 @@ def degenerate(text_a, text_b):
     truncated to nothing)."""
     return text_a == text_b or not text_a.strip() or not text_b.strip()
 
-def sampled_pairs(model, tokenizer, panel, chunk, t, args):
+def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
     """Steps 1-4: K samples per prompt from pi_t, the panel's votes, Zermelo ranking, best vs
     worst, soft label. Returns the training rows and statistics (timings, skipped pairs)."""
     # 1. Sample K responses per prompt from pi_t.
     torch.manual_seed(phase_seed(args.seed, t, "sample"))
     tic = time.time()
-    prompt_ids = [encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in chunk]
-    responses = sample(model, tokenizer, prompt_ids, args.num_responses, args,
-                       f"iter {t + 1} sample")
+    prompt_ids = [encode_prompt(tokenizer, prompt, args.max_prompt_tokens) for prompt in chunk]
+    K = args.num_responses
+    responses = sample(model, tokenizer, prompt_ids, K, args.temperature, args.max_new_tokens,
+                       batch_size, f"iter {t + 1} sample")
     texts = decode(tokenizer, responses)
     seconds_sample = time.time() - tic
 
     # 2-4. The panel votes on every pair; Zermelo ranking; best vs worst; soft label.
     tic = time.time()
     panel.gen.manual_seed(phase_seed(args.seed, t, "annotate"))
-    k = args.num_responses
     rows, skipped = [], 0
-    for q, label in enumerate(annotate(panel, chunk, texts, k, args.smoothing)):
-        a, b = q * k + label["best"], q * k + label["worst"]
+    for q, label in enumerate(annotate(panel, chunk, texts, K, args.smoothing)):
+        a, b = q * K + label["best"], q * K + label["worst"]
         if degenerate(texts[a], texts[b]):
             skipped += 1  # nothing to learn: equal or empty responses
             continue
         rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **label,
                          prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
-    eos, tokens = tokenizer.eos_token_id, sum(map(len, responses))
-    ended = sum(len(r) < args.max_new_tokens or r[-1] == eos for r in responses)  # EOS or marker
+    tokens = sum(len(response) for response in responses)
+    ended = sum(len(response) < args.max_new_tokens or response[-1] == tokenizer.eos_token_id
+                for response in responses)  # ended by EOS or the end-of-turn marker
     return rows, dict(skipped_pairs=skipped, response_tokens_mean=tokens / len(responses),
                       eos_rate=ended / len(responses),
                       seconds_sample=seconds_sample, seconds_annotate=time.time() - tic,
                       sample_tokens_per_s=tokens / seconds_sample)
 
+def check_targets(rows, t):
+    """The pairs' target logits, after checking that a pair is left to learn from. They are
+    finite by construction: smoothing > 0, and a given p_hat is checked to lie in (0, 1)."""
+    if not rows:
+        fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
+             "try a higher --temperature or more --num-responses")
+    return torch.tensor([row["target_logit"] for row in rows])
+
 # --- Steps 5-6: the reference log-probs, then the regression.
-def reference_logprobs(model, rows, pad, args):
+def reference_logprobs(model, rows, pad_id, batch_size):
     """Step 5: log pi_t of both responses of every pair, once, without gradients: the only trace
     of the reference pi_t (no second model in memory), saved with the pairs for anyone to check."""
-    prompt_ids = [r["prompt_ids"] for r in rows]
-    ref_a, ref_b = (batched_logprobs(model, prompt_ids, [r[side] for r in rows], pad,
-                                     args.micro_batch_size) for side in ("a_ids", "b_ids"))
-    for row, la, lb in zip(rows, ref_a.tolist(), ref_b.tolist()):
-        row.update(logp_ref_a=la, logp_ref_b=lb)
-    return ref_a, ref_b
+    prompt_ids = [row["prompt_ids"] for row in rows]
+    reference_a = batched_logprobs(model, prompt_ids, [row["a_ids"] for row in rows], pad_id,
+                                   batch_size)
+    reference_b = batched_logprobs(model, prompt_ids, [row["b_ids"] for row in rows], pad_id,
+                                   batch_size)
+    for row, logp_a, logp_b in zip(rows, reference_a.tolist(), reference_b.tolist()):
+        row.update(logp_ref_a=logp_a, logp_ref_b=logp_b)
+    return reference_a, reference_b
 
-@contextlib.contextmanager
-def trainable(model, args):
-    """The parameters to train: fresh LoRA adapters (--lora-rank r > 0), merged into the
-    weights on exit so that the model stays a plain one, or every weight."""
-    if args.lora_rank:
-        params = add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
-    else:
-        params = list(model.parameters())
-        model.requires_grad_(True)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
-    try:
-        yield params
-    finally:
-        model.eval()
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
-        merge_lora(model)
-        model.requires_grad_(False)
-
-def fit(params, n, micro_loss, args, lr, epochs, desc):
+def fit(params, n, micro_loss, settings, desc):
     """The one training loop (step 6, and the SFT that makes pi_0): Adam, cosine schedule with
-    linear warm-up, gradient clipping. Each epoch visits the n items in random order,
-    --batch-size per optimizer step, accumulating --micro-batch-size at a time; micro_loss(idx,
-    epoch) returns the summed loss of those items. With many processes each takes its share of every
+    linear warm-up, gradient clipping. Each epoch visits the n items in random order, batch_size
+    per optimizer step, accumulating micro_batch_size at a time; micro_loss(indices, epoch)
+    returns the summed loss of those items. With many processes each takes its share of every
     batch, and their gradients are summed: every process takes the very same step."""
     from transformers import get_cosine_schedule_with_warmup
-    opt = torch.optim.Adam(params, lr=lr)
-    for p in params:  # zeros, not None: a process whose share of a batch is empty adds zeros
-        p.grad = torch.zeros_like(p)
-    steps = math.ceil(n / args.batch_size) * epochs
-    sched = get_cosine_schedule_with_warmup(opt, int(args.warmup_ratio * steps), steps)
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    for param in params:  # zeros, not None: a process whose share of a batch is empty adds zeros
+        param.grad = torch.zeros_like(param)
+    steps = math.ceil(n / settings.batch_size) * settings.epochs
+    schedule = get_cosine_schedule_with_warmup(optimizer, int(settings.warmup_ratio * steps), steps)
     with tqdm(total=steps, desc=desc, leave=False) as bar:  # closed on errors too
-        for epoch in range(epochs):
+        for epoch in range(settings.epochs):
             order = torch.randperm(n)
-            for start in range(0, n, args.batch_size):
-                batch = order[start:start + args.batch_size]
-                mine = shard(batch.tolist())
-                for m in range(0, len(mine), args.micro_batch_size):
-                    loss = micro_loss(mine[m:m + args.micro_batch_size], epoch)
+            for start in range(0, n, settings.batch_size):
+                batch = order[start:start + settings.batch_size]
+                mine = shard(batch.tolist())  # this process's share of the batch
+                for micro in range(0, len(mine), settings.micro_batch_size):
+                    loss = micro_loss(mine[micro:micro + settings.micro_batch_size], epoch)
                     (loss / len(batch)).backward()  # the whole batch's mean, once summed
-                total(p.grad for p in params)
-                norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+                total(param.grad for param in params)  # summed over the processes
+                norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
                 if not torch.isfinite(norm):
                     raise FloatingPointError(f"the gradient became non-finite in epoch {epoch + 1}")
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=False)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=False)
                 bar.update()
-    opt.zero_grad(set_to_none=True)  # frees the gradients' memory
+    optimizer.zero_grad(set_to_none=True)  # frees the gradients' memory
 
-def train(model, rows, ref_a, ref_b, pad, args):
-    """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (ref_a, ref_b) fixed;
-    the model becomes pi_{t+1}. Returns the last epoch's diagnostics, and tokens seen."""
-    loss_fn, target = LOSSES[args.loss], torch.tensor([r["target_logit"] for r in rows])
-    h_all, loss_all = torch.zeros(len(rows)), torch.zeros(len(rows))
+def train(model, rows, reference_a, reference_b, pad_id, args):
+    """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (reference_a,
+    reference_b) fixed; the model becomes pi_{t+1}. Returns the last epoch's diagnostics, and
+    the tokens seen."""
+    loss_fn = LOSSES[args.loss]
+    target = torch.tensor([row["target_logit"] for row in rows])
+    h_last, loss_last = torch.zeros(len(rows)), torch.zeros(len(rows))  # the last epoch's
 
-    def micro_loss(idx, epoch):
+    def micro_loss(indices, epoch):
         # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
-        prompt_ids = [rows[i]["prompt_ids"] for i in idx] * 2
-        response_ids = [rows[i]["a_ids"] for i in idx] + [rows[i]["b_ids"] for i in idx]
-        batch = collate(prompt_ids, response_ids, pad, model.device)
-        logps_a, logps_b = sequence_logprobs(model, *batch).cpu().split(len(idx))
-        logratio_a, logratio_b = logps_a - ref_a[idx], logps_b - ref_b[idx]
-        losses = loss_fn(logratio_a, logratio_b, target[idx], args.beta)  # (micro,)
-        if epoch == args.epochs - 1:  # the last epoch's diagnostics
-            h_all[idx] = args.beta * (logratio_a - logratio_b).detach()
-            loss_all[idx] = losses.detach()
+        prompt_ids = [rows[i]["prompt_ids"] for i in indices] * 2
+        response_ids = [rows[i]["a_ids"] for i in indices] + [rows[i]["b_ids"] for i in indices]
+        batch = collate(prompt_ids, response_ids, pad_id, model.device)
+        logps_a, logps_b = sequence_logprobs(model, *batch).cpu().split(len(indices))
+        logratio_a = logps_a - reference_a[indices]
+        logratio_b = logps_b - reference_b[indices]
+        losses = loss_fn(logratio_a, logratio_b, target[indices], args.beta)  # (micro,)
+        if epoch == args.epochs - 1:
+            h_last[indices] = args.beta * (logratio_a - logratio_b).detach()
+            loss_last[indices] = losses.detach()
         return losses.sum()
-    with trainable(model, args) as params:
-        fit(params, len(rows), micro_loss, args, args.lr, args.epochs, "train")
-    total([h_all, loss_all])  # each process filled in its share of the pairs
-    tokens = args.epochs * sum(2 * len(r["prompt_ids"]) + len(r["a_ids"]) + len(r["b_ids"])
-                               for r in rows)
-    return dict(loss=float(loss_all.mean()),
-                regression_mse=float(((h_all - target) ** 2).mean()),
-                sign_agreement=float((torch.sign(h_all) == torch.sign(target)).float().mean()),
-                reward_margin=float(h_all.mean())), tokens
-
-def sft(model, tokenizer, examples, args, lr, epochs):
-    """The supervised warm-up that makes pi_0 from (prompt_ids, response_ids) examples: the mean
-    NLL of each example's response tokens, by the method's own helpers (LoRA merged after)."""
-    def micro_loss(idx, epoch):
-        batch = collate(*zip(*[examples[i] for i in idx]), tokenizer.pad_token_id, model.device)
-        return -(sequence_logprobs(model, *batch) / batch[2].sum(-1)).sum()
-    with trainable(model, args) as params:
-        fit(params, len(examples), micro_loss, args, lr, epochs, "SFT")
+    settings = training(args, args.lr, args.epochs)
+    with trainable(model, settings) as params:
+        fit(params, len(rows), micro_loss, settings, "train")
+    total([h_last, loss_last])  # each process filled in its share of the pairs
+    tokens = args.epochs * sum(2 * len(row["prompt_ids"]) + len(row["a_ids"]) + len(row["b_ids"])
+                               for row in rows)
+    return dict(loss=float(loss_last.mean()),
+                regression_mse=float(((h_last - target) ** 2).mean()),
+                sign_agreement=float((torch.sign(h_last) == torch.sign(target)).float().mean()),
+                reward_margin=float(h_last.mean())), tokens
 
 # --- Step 7: evaluate pi_{t+1} against pi_0 on held-out prompts.
-def evaluate(model, tokenizer, panel, ev, t, args):
-    """Win-rate against pi_0 and true reward of pi_{t+1}'s held-out samples; KL to pi_t and pi_0.
-    `ev` holds the held-out prompts and pi_0's and pi_t's samples (then pi_{t+1}'s), log-probs."""
+@dataclass
+class Samples:
+    """One policy's responses to the held-out prompts: token ids, texts, log-probs under it."""
+    responses: list
+    texts: list
+    logps: torch.Tensor
+
+@dataclass
+class HeldOut:
+    """The held-out prompts, each repeated eval_samples times, and pi_0's responses to them."""
+    prompts: list
+    prompt_ids: list
+    initial: Samples = None  # pi_0's, drawn once before the first iteration (or loaded)
+
+def held_out_samples(model, tokenizer, held_out, args, batch_size, desc):
+    """One response per (repeated) held-out prompt from the model, and its log-probs."""
+    responses = sample(model, tokenizer, held_out.prompt_ids, 1, args.temperature,
+                       args.max_new_tokens, batch_size, desc)
+    logps = batched_logprobs(model, held_out.prompt_ids, responses, tokenizer.pad_token_id,
+                             batch_size)
+    return Samples(responses, decode(tokenizer, responses), logps)
+
+def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
+    """pi_{t+1}'s held-out samples; its win-rate against pi_0's and true reward; the KL from
+    pi_t (whose samples are `previous`) and from pi_0. Returns (metrics, pi_{t+1}'s Samples)."""
     torch.manual_seed(phase_seed(args.seed, t, "eval"))
     panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
-    current = sample(model, tokenizer, ev.ids, 1, args, f"iter {t + 1} eval")
-    ev.texts = decode(tokenizer, current)
-    win_rate = panel.compare(ev.prompts, ev.texts, ev.initial_texts).mean()
-    true_reward = panel.reward(ev.texts)
-    # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over
-    # the held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
-    logps = lambda responses: batched_logprobs(model, ev.ids, responses, tokenizer.pad_token_id,
-                                               args.sample_batch)
-    kl_ref = (ev.previous_logps - logps(ev.previous)).mean()
-    kl_init = (ev.initial_logps - logps(ev.initial)).mean()
-    ev.previous, ev.previous_logps = current, logps(current)
+    current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
+    win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
+    true_reward = panel.reward(current.texts)
+    # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over the
+    # held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
+    kl_to_reference = (previous.logps - batched_logprobs(
+        model, held_out.prompt_ids, previous.responses, tokenizer.pad_token_id, batch_size)).mean()
+    kl_to_initial = (held_out.initial.logps - batched_logprobs(
+        model, held_out.prompt_ids, held_out.initial.responses, tokenizer.pad_token_id,
+        batch_size)).mean()
     return dict(win_rate_vs_initial=float(win_rate),
                 true_reward=None if true_reward is None else float(true_reward.mean()),
-                kl_to_reference=float(kl_ref), kl_to_initial=float(kl_init))
+                kl_to_reference=float(kl_to_reference),
+                kl_to_initial=float(kl_to_initial)), current
 
 # --- The loop.
 def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
-    r = start_run(args)  # input checked, pi_t loaded (t = 0, or where --resume continues)
-    for t in range(r.start, args.iterations):
+    state = start_run(args)  # input checked, pi_t loaded (t = 0, or where --resume continues)
+    if state.start == 0:
+        # pi_0's responses to the held-out prompts: every iteration is compared with these.
+        torch.manual_seed(phase_seed(args.seed, 0, "eval"))
+        state.held_out.initial = held_out_samples(state.model, state.tokenizer, state.held_out,
+                                                  args, state.sample_batch, "sample pi_0")
+        state.latest = state.held_out.initial
+        save_initial(state)
+    for t in range(state.start, args.iterations):
         # 1-4. Sample K responses per prompt from pi_t; the panel votes on every pair; Zermelo
         #      ranking; best vs worst; the panel's soft label (or take the given pairs).
-        if r.given:
-            rows, stats = given_pairs(r.tokenizer, r.given[t], args.max_prompt_tokens)
+        if state.given:
+            rows, stats = given_pairs(state.tokenizer, state.given[t], args.max_prompt_tokens)
         else:
-            rows, stats = sampled_pairs(r.model, r.tokenizer, r.panel, r.chunks[t], t, args)
+            rows, stats = sampled_pairs(state.model, state.tokenizer, state.panel,
+                                        state.chunks[t], t, args, state.sample_batch)
         target = check_targets(rows, t)
 
         # 5. log pi_t of both responses, once, without gradients.
         tic = time.time()
-        ref_a, ref_b = reference_logprobs(r.model, rows, r.pad, args)
+        reference_a, reference_b = reference_logprobs(state.model, rows, state.pad_id,
+                                                      args.micro_batch_size)
 
         # 6. Minimize the loss over the pairs: the model becomes pi_{t+1}.
-        peak_memory_mb(r.device, reset=True)
+        peak_memory_mb(state.device, reset=True)
         torch.manual_seed(phase_seed(args.seed, t, "train"))
         try:
-            fitted, tokens = train(r.model, rows, ref_a, ref_b, r.pad, args)
-        except FloatingPointError as e:
-            fail(f"iteration {t + 1}: {e}; try a lower --lr ({t} complete iterations are kept "
-                 f"in {args.out}/)")
+            fitted, tokens = train(state.model, rows, reference_a, reference_b, state.pad_id,
+                                   args)
+        except FloatingPointError as error:
+            fail(f"iteration {t + 1}: {error}; try a lower --lr ({t} complete iterations are "
+                 f"kept in {args.out}/)")
         seconds_train = time.time() - tic
 
         # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
         tic = time.time()
-        scores = evaluate(r.model, r.tokenizer, r.panel, r.ev, t, args)
+        scores, state.latest = evaluate(state.model, state.tokenizer, state.panel,
+                                        state.held_out, state.latest, t, args, state.sample_batch)
         metrics = dict(
             iteration=t + 1, loss_type=args.loss, **fitted, **scores,
             target_logit_mean=float(target.mean()), pairs=len(rows), **stats,
             seconds_train=seconds_train, seconds_eval=time.time() - tic,
-            train_tokens_per_s=tokens / seconds_train, peak_memory_mb=peak_memory_mb(r.device))
-        finish_iteration(r, t, rows, metrics)
-    if r.start < args.iterations:
-        show_samples(r, args)
-    return r.history
-
-def check_targets(rows, t):
-    """The pairs' target logits, after checking that there is something finite to learn."""
-    if not rows:
-        fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
-             "try a higher --temperature or more --num-responses")
-    return torch.tensor([r["target_logit"] for r in rows])
+            train_tokens_per_s=tokens / seconds_train,
+            peak_memory_mb=peak_memory_mb(state.device))
+        finish_iteration(state, t, rows, metrics)
+    if state.start < args.iterations:
+        show_samples(state, args)
+    return state.history
 
 # =============================================================================================
 # PART II. THE MACHINERY. Nothing below changes the method: the command line, files, model
-# loading, LoRA, the other annotators, the tiny world, many processes, runs that stop, main.
+# loading, LoRA, the annotators, the tiny world, many processes, runs that stop, main.
 # =============================================================================================
 
 # --- The command line: the settings of Part I as flags, checked as they are read.
@@ -585,7 +595,14 @@ def fail(message):
     print(f"irepo.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 
-OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt}
+COMPARISONS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+def bounds(rule):
+    """The comparisons that a rule of SETTINGS states, e.g. '>= 0 and < 1' -> [(>=, 0.0),
+    (<, 1.0)]: each an operator, a space and a number (decimals too); a parenthesis explains."""
+    statement = rule.split("(")[0]
+    found = re.findall(r"(>=|<=|>|<) (-?\d+(?:\.\d+)?(?:e-?\d+)?)", statement)
+    return [(COMPARISONS[operator_text], float(number)) for operator_text, number in found]
 
 def checked(flag, kind, rule):
     """A type= for argparse: the value, or one line and exit 2 unless it satisfies `rule`."""
@@ -593,8 +610,8 @@ def checked(flag, kind, rule):
         if text == "auto" and rule.endswith("auto"):
             return text
         value = kind(text)  # a ValueError here is argparse's own "invalid float value"
-        bounds = [(op, float(x)) for op, x in re.findall(r"([<>]=?) (\d+)", rule)]
-        if not (math.isfinite(value) and all(OPS[op](value, x) for op, x in bounds)):
+        within = all(compare(value, bound) for compare, bound in bounds(rule))
+        if not (math.isfinite(value) and within):
             fail(f"{flag} {value}: must be {rule}")
         return value
     parse.__name__ = kind.__name__
@@ -603,42 +620,57 @@ def checked(flag, kind, rule):
 def preset_for(model):
     """Mistral-7B's preset for its names (base and Instruct), tiny's for 'tiny', else Phi-2's."""
     name = model.rstrip("/").lower()
-    return ("tiny" if name == "tiny" else
-            "mistral-7b" if name.startswith("mistralai/mistral-7b") else "phi-2")
+    if name == "tiny":
+        return "tiny"
+    if name.startswith("mistralai/mistral-7b"):
+        return "mistral-7b"
+    return "phi-2"
 
-def parse_args(argv=None):
+def build_parser():
+    """Every flag: the run's own, then one per SETTINGS entry (None: the preset's value)."""
     import argparse
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description="iREPO: iterative alignment by regression on empirical preferences.")
-    p.error = fail  # one line and exit status 2, instead of usage + message
-    a = p.add_argument
-    a("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or folder")
-    a("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
-    a("--out", default="out", help="output folder: iterations, pairs, metrics")
-    a("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with a 'prompt' string a line")
-    a("--pairs", help="FILE: labelled pairs (pairs.jsonl format) instead of steps 1-4")
-    a("--sft", help="FILE: chat 'messages' JSONL to fine-tune --model on first (pi_0)")
-    one = p.add_mutually_exclusive_group().add_argument  # --resume or --overwrite, not both
-    one("--resume", action="store_true", help="continue the run in --out after its last iteration")
-    one("--overwrite", action="store_true", help="replace the run in --out (keeps warm-up and SFT)")
-    a("--seed", type=int, default=0, help="seeds every random stream")
-    a("--theory", action="store_true", help="print numerical checks of the paper's theory, exit")
-    a("--compare", action="store_true", help="reward-KL frontier of irepo, dpo and ipo")
-    for name, (kind, rule, default, meaning) in SETTINGS.items():  # None: the preset's value
+    parser.error = fail  # one line and exit status 2, instead of usage + message
+    add = parser.add_argument
+    add("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or "
+        "folder")
+    add("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
+    add("--out", default="out", help="output folder: iterations, pairs, metrics")
+    add("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with a 'prompt' string a line")
+    add("--pairs", help="FILE: labelled pairs (pairs.jsonl format) instead of steps 1-4")
+    add("--sft", help="FILE: chat 'messages' JSONL to fine-tune --model on first (pi_0)")
+    start = parser.add_mutually_exclusive_group()  # --resume or --overwrite, not both
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in --out after its last iteration")
+    start.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out (keeps warm-up and SFT)")
+    add("--seed", type=int, default=0, help="seeds every random stream")
+    mode = parser.add_mutually_exclusive_group()  # two other programs, one at a time
+    mode.add_argument("--theory", action="store_true",
+                      help="print numerical checks of the paper's theory, exit")
+    mode.add_argument("--compare", action="store_true",
+                      help="reward-KL frontier of irepo, dpo and ipo")
+    for name, (kind, rule, default, meaning) in SETTINGS.items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
-            a(flag, action=argparse.BooleanOptionalAction, help=meaning)
+            add(flag, action=argparse.BooleanOptionalAction, help=meaning)
         elif isinstance(rule, tuple):
-            a(flag, choices=rule, help=meaning)
+            add(flag, choices=rule, help=meaning)
+        elif rule:
+            add(flag, type=checked(flag, kind, rule), help=meaning)
         else:
-            a(flag, type=checked(flag, kind, rule) if rule else kind, help=meaning)
-    args = p.parse_args(argv)
+            add(flag, type=kind, help=meaning)
+    return parser
 
+def parse_args(argv=None):
+    """The flags, with what they leave unset filled in from the preset, then from tiny's."""
+    args = build_parser().parse_args(argv)
     args.preset = args.preset or preset_for(args.model)
-    tiny = {key: spec[2] for key, spec in SETTINGS.items()}  # the preset fills what flags left
-    for key, value in (tiny | PRESETS[args.preset]).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    tiny = {name: spec[2] for name, spec in SETTINGS.items()}
+    for name, value in (tiny | PRESETS[args.preset]).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.model != "tiny":
         check_model(f"--model {args.model}", args.model)
     args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
@@ -657,8 +689,10 @@ def check_model(label, name):
 
 def load_error(label, name, error, hint):
     """One line for a model that cannot be loaded, saying why by what its name looks like."""
-    why = ("not a model folder" if is_path(name) or os.path.isdir(name)
-           else "cannot be downloaded: no network, or no such model")
+    if is_path(name) or os.path.isdir(name):
+        why = "not a model folder"
+    else:
+        why = "cannot be downloaded: no network, or no such model"
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     fail(f"{label}: cannot be loaded ({why}; {first_line}); {hint}")
 
@@ -666,15 +700,18 @@ DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}  # the weights' dtype on 
 
 def kv_cache_bytes(config, tokens, dtype_bytes=2):
     """The KV cache of one sequence of `tokens` tokens: K and V in every layer, in bytes."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * tokens
 
 def sample_batch(model, args, device):
     """--sample-batch-size, 'auto' resolved: on CUDA the most prompts whose KV cache (K sequences,
     prompt + new tokens) fits in half the memory left after the weights; elsewhere 16."""
-    if args.sample_batch_size != "auto" or device.type != "cuda":
-        return 16 if args.sample_batch_size == "auto" else args.sample_batch_size
+    if args.sample_batch_size != "auto":
+        return args.sample_batch_size
+    if device.type != "cuda":
+        return 16
     per_prompt = args.num_responses * kv_cache_bytes(
         model.config, args.max_prompt_tokens + args.max_new_tokens, model.dtype.itemsize)
     free = torch.cuda.mem_get_info(device)[0]
@@ -684,6 +721,7 @@ def sample_batch(model, args, device):
     return size
 
 def peak_memory_mb(device, reset=False):
+    """Peak memory so far: CUDA's allocations on a GPU, the process's peak RSS elsewhere."""
     if device.type != "cuda":
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
     if reset:
@@ -694,12 +732,13 @@ def peak_memory_mb(device, reset=False):
 def read_lines(path, flag):
     """The lines of a UTF-8 text file, or one clear error naming the flag and the file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-    except UnicodeDecodeError as e:
-        fail(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8")
-    except OSError as e:
-        fail(f"{flag} {path}: cannot be read ({e.strerror})")
+        with open(path, encoding="utf-8") as file:
+            return file.read().splitlines()
+    except UnicodeDecodeError as error:
+        fail(f"{flag} {path}: not UTF-8 text ({error.reason} at byte {error.start}); "
+             "re-save it as UTF-8")
+    except OSError as error:
+        fail(f"{flag} {path}: cannot be read ({error.strerror})")
 
 def read_jsonl(path, flag):
     """(where, object) for every non-empty line of a JSONL file; `where` is 'file:line'."""
@@ -708,38 +747,63 @@ def read_jsonl(path, flag):
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            fail(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})")
+        except json.JSONDecodeError as error:
+            fail(f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno})")
         if not isinstance(row, dict):
             fail(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
         yield f"{path}:{number}", row
 
+def is_number(value):
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def is_text(value):
+    """A string with something in it besides spaces."""
+    return isinstance(value, str) and bool(value.strip())
+
+def is_token_ids(value):
+    """A list of token ids, or None (absent)."""
+    return value is None or (isinstance(value, list)
+                             and all(isinstance(token, int) and token >= 0 for token in value))
+
+def check(row, where, field, is_valid, expected):
+    """row[field] if is_valid(row[field]); else one line naming the line, field and value."""
+    if not is_valid(row.get(field)):
+        fail(f"{where}: field '{field}' must be {expected}, got {row.get(field)!r}")
+    return row.get(field)
+
 def read_prompts(path):
     """Prompts: the non-empty lines of a .txt file, or the 'prompt' string of each .jsonl line."""
-    is_text = lambda p: isinstance(p, str) and p.strip()
-    prompts = ([check(row, where, "prompt", is_text, "a non-empty string").strip()
-                for where, row in read_jsonl(path, "--prompts")] if path.endswith(".jsonl")
-               else [line.strip() for line in read_lines(path, "--prompts") if line.strip()])
+    if path.endswith(".jsonl"):
+        prompts = [check(row, where, "prompt", is_text, "a non-empty string").strip()
+                   for where, row in read_jsonl(path, "--prompts")]
+    else:
+        prompts = [line.strip() for line in read_lines(path, "--prompts") if line.strip()]
     if not prompts:
         fail(f"--prompts {path}: the file holds no prompt")
     return prompts
 
 def replies(messages):
     """The indices of the assistant turns that answer a user turn."""
-    return [i for i, m in enumerate(messages)
-            if m["role"] == "assistant" and i and messages[i - 1]["role"] == "user"]
+    return [i for i, message in enumerate(messages)
+            if message["role"] == "assistant" and i and messages[i - 1]["role"] == "user"]
+
+def is_message(value):
+    """A chat turn: a dict whose 'role' and 'content' are strings."""
+    return (isinstance(value, dict) and isinstance(value.get("role"), str)
+            and isinstance(value.get("content"), str))
 
 def read_conversations(path):
     """--sft: a chat 'messages' list per line, with an assistant turn after a user turn."""
     conversations = []
     for where, row in read_jsonl(path, "--sft"):
         messages = row.get("messages")
-        if not (isinstance(messages, list) and all(isinstance(m, dict) and isinstance(
-                m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+        if not (isinstance(messages, list) and all(is_message(turn) for turn in messages)):
             fail(f"{where}: field 'messages' must be a list of {{'role', 'content'}} strings")
-        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
-        if not replies(conversations[-1]):
+        conversation = [{"role": turn["role"], "content": turn["content"]} for turn in messages]
+        if not replies(conversation):
             fail(f"{where}: field 'messages' has no assistant turn after a user turn")
+        conversations.append(conversation)
     if not conversations:
         fail(f"--sft {path}: the file holds no conversation")
     return conversations
@@ -748,45 +812,44 @@ def sft_examples(tokenizer, conversations, args):
     """(prompt_ids, response_ids) for every reply: the conversation before it in the chat
     template, and the reply followed by the end-of-turn marker (EOS if the format has none),
     so that pi_0 learns to end its turns; cut at --max-new-tokens."""
-    marker, ids = end_of_turn(tokenizer), lambda text: tokenizer(text, add_special_tokens=False)
-    end = ids(marker)["input_ids"] if marker else [tokenizer.eos_token_id]
-    return [(encode_prompt(tokenizer, messages[:i], args.max_prompt_tokens),
-             (ids(messages[i]["content"])["input_ids"] + end)[:args.max_new_tokens])
-            for messages in conversations for i in replies(messages)]
+    def token_ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-def is_number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-def check(row, where, field, ok, what):
-    """row[field] if ok(row[field]); else one line naming the line, the field and the value."""
-    if not ok(row.get(field)):
-        fail(f"{where}: field '{field}' must be {what}, got {row.get(field)!r}")
-    return row.get(field)
+    marker = end_of_turn(tokenizer)
+    end_ids = token_ids(marker) if marker else [tokenizer.eos_token_id]
+    examples = []
+    for messages in conversations:
+        for i in replies(messages):
+            prompt_ids = encode_prompt(tokenizer, messages[:i], args.max_prompt_tokens)
+            response_ids = (token_ids(messages[i]["content"]) + end_ids)[:args.max_new_tokens]
+            examples.append((prompt_ids, response_ids))
+    return examples
 
 def pair_target(row, where, smoothing):
     """logit p_hat of a given pair: from the votes ('votes_a' of 'n_annotators', smoothed as
     sampled pairs are), else from a probability 'p_hat' (not smoothed)."""
     if "votes_a" not in row:
-        p = check(row, where, "p_hat", lambda p: is_number(p) and 0 < p < 1,
-                  "a number strictly between 0 and 1 (or give 'votes_a' and 'n_annotators')")
-        return math.log(p) - math.log1p(-p)
-    n = check(row, where, "n_annotators", lambda n: is_number(n) and n >= 1, "a number >= 1")
-    v = check(row, where, "votes_a", lambda v: is_number(v) and 0 <= v <= n,
-              "a number in [0, n_annotators]")
-    return float(preference_logit(empirical_preference(torch.tensor(float(v)), n, smoothing)))
+        p_hat = check(row, where, "p_hat", lambda value: is_number(value) and 0 < value < 1,
+                      "a number strictly between 0 and 1 (or give 'votes_a' and 'n_annotators')")
+        return math.log(p_hat) - math.log1p(-p_hat)
+    n_annotators = check(row, where, "n_annotators",
+                         lambda value: is_number(value) and value >= 1, "a number >= 1")
+    votes_a = check(row, where, "votes_a",
+                    lambda value: is_number(value) and 0 <= value <= n_annotators,
+                    "a number in [0, n_annotators]")
+    p_hat = empirical_preference(torch.tensor(float(votes_a)), n_annotators, smoothing)
+    return float(preference_logit(p_hat))
 
 def read_pairs(path, smoothing):
     """(file:line, pair) for each line, in iteration_t/pairs.jsonl's format: 'prompt', 'response_a',
     'response_b', a label (see pair_target), and token ids if any (a saved pair is then exact)."""
     rows = []
     for where, row in read_jsonl(path, "--pairs"):
-        check(row, where, "prompt", lambda p: isinstance(p, str) and p.strip(),
-              "a non-empty string")
+        check(row, where, "prompt", is_text, "a non-empty string")
         for field in ("response_a", "response_b"):
-            check(row, where, field, lambda y: isinstance(y, str), "a string")
+            check(row, where, field, lambda value: isinstance(value, str), "a string")
         for field in ("prompt_ids", "a_ids", "b_ids"):
-            check(row, where, field, lambda ids: ids is None or isinstance(ids, list) and all(
-                isinstance(i, int) and i >= 0 for i in ids), "a list of token ids")
+            check(row, where, field, is_token_ids, "a list of token ids")
         rows.append((where, dict(row, target_logit=pair_target(row, where, smoothing))))
     if not rows:
         fail(f"--pairs {path}: the file holds no pair")
@@ -815,20 +878,25 @@ def split_pairs(rows, iterations):
 
 def given_pairs(tokenizer, chunk, max_tokens):
     """Steps 1-4 replaced by --pairs: tokenize the given pairs (unless they carry token ids)."""
-    eos, rows = tokenizer.eos_token_id, []
-    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    def response_ids(text):  # ended by EOS, as a sampled response is
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+    rows = []
     for where, row in chunk:
         if degenerate(row["response_a"], row["response_b"]):
             continue
-        rows.append(dict(row, prompt_ids=row.get("prompt_ids") or encode_prompt(
-            tokenizer, row["prompt"], max_tokens), a_ids=row.get("a_ids") or ids(row["response_a"]),
-            b_ids=row.get("b_ids") or ids(row["response_b"])))
-        if max(rows[-1]["prompt_ids"] + rows[-1]["a_ids"] + rows[-1]["b_ids"]) >= len(tokenizer):
+        prompt_ids = row.get("prompt_ids") or encode_prompt(tokenizer, row["prompt"], max_tokens)
+        a_ids = row.get("a_ids") or response_ids(row["response_a"])
+        b_ids = row.get("b_ids") or response_ids(row["response_b"])
+        if max(prompt_ids + a_ids + b_ids) >= len(tokenizer):
             fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
-    lengths = [len(r[f"{s}_ids"]) for r in rows for s in "ab"] or [0]
-    return rows, dict(skipped_pairs=len(chunk) - len(rows),
-                      response_tokens_mean=sum(lengths) / len(lengths), eos_rate=None,
-                      seconds_sample=0.0, seconds_annotate=0.0, sample_tokens_per_s=None)
+        rows.append(dict(row, prompt_ids=prompt_ids, a_ids=a_ids, b_ids=b_ids))
+    lengths = [len(row[side]) for row in rows for side in ("a_ids", "b_ids")]
+    stats = dict(skipped_pairs=len(chunk) - len(rows),
+                 response_tokens_mean=sum(lengths) / len(lengths) if lengths else 0.0,
+                 eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
+                 sample_tokens_per_s=None)
+    return rows, stats
 
 # --- Model loading.
 # Prompt formats for tokenizers that bring no chat template of their own.
@@ -851,8 +919,8 @@ def load_policy(args, device, folder):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPE[device.type],
                                                      attn_implementation="sdpa").to(device)
-    except (OSError, ValueError, ImportError) as e:
-        load_error(f"--model {args.model}", folder, e, "use --model tiny or a local folder")
+    except (OSError, ValueError, ImportError) as error:
+        load_error(f"--model {args.model}", folder, error, "use --model tiny or a local folder")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # responses end at EOS
     if not tokenizer.chat_template:
         if folder == args.model and not args.sft:
@@ -874,37 +942,114 @@ def load_policy(args, device, folder):
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     if args.lora_rank and not lora_layers(model, args.lora_targets):
-        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if is_linear(m)})
+        linear = sorted({name.split(".")[-1] for name, module in model.named_modules()
+                         if is_linear(module)})
         fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that "
              f"name; its linear layers are {','.join(linear)}")
     return model, tokenizer
 
+# --- Where a sampled response ends (sample() in Part I cuts each row with these).
+def end_of_response(row, stops):
+    """The length of a sampled row up to and including its first stop token (all if none)."""
+    for position, token in enumerate(row):
+        if token in stops:
+            return position + 1
+    return len(row)
+
+def cut_at_marker(tokenizer, row, marker):
+    """The length of the shortest prefix of `row` whose text holds `marker` (len(row) if none
+    shorter does). A binary search: once a prefix holds the marker, every longer one does."""
+    low, high = 0, len(row)
+    while low < high:
+        middle = (low + high) // 2
+        if marker in tokenizer.decode(row[:middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+    return low
+
+# --- What trains: the settings that fit() reads, and the parameters, LoRA adapters or every
+# weight (step 6 and the SFT).
+@dataclass
+class Training:
+    """What fit() and trainable() read: the optimizer's settings and the parameters to train."""
+    lr: float
+    epochs: int
+    batch_size: int
+    micro_batch_size: int
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    lora_rank: int = 0  # 0: every weight trains
+    lora_alpha: float = 0.0
+    lora_targets: str = ""
+    gradient_checkpointing: bool = False
+
+def training(args, lr, epochs):
+    """The run's Training settings, with one phase's learning rate and epochs (step 6, SFT)."""
+    return Training(lr=lr, epochs=epochs, batch_size=args.batch_size,
+                    micro_batch_size=args.micro_batch_size, warmup_ratio=args.warmup_ratio,
+                    max_grad_norm=args.max_grad_norm, lora_rank=args.lora_rank,
+                    lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                    gradient_checkpointing=args.gradient_checkpointing)
+
+@contextlib.contextmanager
+def trainable(model, settings):
+    """The parameters to train: fresh LoRA adapters (lora_rank r > 0), merged into the weights
+    on exit so that the model stays a plain one, or every weight."""
+    if settings.lora_rank:
+        params = add_lora(model, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
+    else:
+        params = list(model.parameters())
+        model.requires_grad_(True)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
+    try:
+        yield params
+    finally:
+        model.eval()
+        if settings.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+        merge_lora(model)
+        model.requires_grad_(False)
+
 # --- LoRA, in the file: adapters on the chosen linear layers, merged back after every iteration so
-# that each saved iteration is a plain model and pi_t is exactly the next reference.
+# that each saved iteration is a plain model and pi_t is exactly the next reference. A and B are
+# the LoRA paper's names for the two low-rank factors.
 def is_linear(module):
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
 
 class LoRALinear(torch.nn.Module):
-    """y = base(x) + (alpha / r) B A x. B starts at zero, so the model starts exactly at pi_t;
-    A and B are fp32 whatever the base's dtype, so that small updates are not lost to bf16."""
+    """base(hidden) + (alpha / rank) B A hidden. B starts at zero, so the model starts exactly at
+    pi_t; A and B are fp32 whatever the base's dtype, so that small updates are not lost to bf16."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
-        self.base, self.scale = base, alpha / rank
+        self.base = base
+        self.scale = alpha / rank
         self.transposed = not isinstance(base, torch.nn.Linear)  # Conv1D stores W as (in, out)
-        d_out, d_in = base.weight.shape[::-1] if self.transposed else base.weight.shape
+        if self.transposed:
+            d_in, d_out = base.weight.shape
+        else:
+            d_out, d_in = base.weight.shape
         self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=base.weight.device))
         self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=base.weight.device))
         torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
 
-    def forward(self, x):
-        return self.base(x) + (self.scale * (x.float() @ self.A.T @ self.B.T)).to(x.dtype)
+    def forward(self, hidden):
+        update = self.scale * (hidden.float() @ self.A.T @ self.B.T)
+        return self.base(hidden) + update.to(hidden.dtype)
 
 def lora_layers(model, targets):
-    names = {t.strip() for t in targets.split(",") if t.strip()}
-    return [n for n, m in model.named_modules() if n.split(".")[-1] in names and is_linear(m)]
+    """The names of the linear layers whose own name (the part after the last dot) is one of
+    the comma-separated targets."""
+    wanted = {target.strip() for target in targets.split(",") if target.strip()}
+    return [name for name, module in model.named_modules()
+            if name.split(".")[-1] in wanted and is_linear(module)]
 
 def swap(model, name, module):
+    """Put `module` where the model's submodule `name` (e.g. 'transformer.h.0.attn.c_attn') is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
@@ -913,116 +1058,189 @@ def add_lora(model, rank, alpha, targets):
     model.requires_grad_(False)
     for name in lora_layers(model, targets):
         swap(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
-    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (m.A, m.B)]
+    adapters = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    return [parameter for adapter in adapters for parameter in (adapter.A, adapter.B)]
 
 @torch.no_grad()
 def merge_lora(model):
     """Fold each adapter into its weight, W += (alpha / r) B A (in fp32), and unwrap it."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, LoRALinear):
-            delta = m.scale * (m.B @ m.A)  # (out, in)
-            m.base.weight += (delta.T if m.transposed else delta).to(m.base.weight.dtype)
-            swap(model, name, m.base)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            delta = module.scale * (module.B @ module.A)  # (out, in)
+            if module.transposed:
+                delta = delta.T
+            module.base.weight += delta.to(module.base.weight.dtype)
+            swap(model, name, module.base)
+
+# --- The annotators. Every annotator answers, for each pair (a, b), n_annotators values in [0, 1]:
+# a vote or a probability that a is better than b; the Panel of Part I stacks their answers. The
+# simulated panel of the tiny world knows the true reward (its voters like positive words).
+class Annotator:
+    """The protocol. compare() is required; reward() is the true reward of each text where the
+    annotator knows it (only the simulated one does), else None."""
+    n_annotators = 1  # answers per pair
+
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, n_annotators)
+        raise NotImplementedError
+
+    def reward(self, texts):  # -> (P,) or None
+        return None
+
+POSITIVE = "great good lovely wonderful fun amazing".split()
+NEGATIVE = "bad awful boring terrible dull poor".split()
+
+def hidden_rewards(texts):
+    """The simulated annotators' reward: (# positive words) - (# negative words), per text."""
+    rewards = []
+    for text in texts:
+        words = text.split()
+        rewards.append(sum(word in POSITIVE for word in words)
+                       - sum(word in NEGATIVE for word in words))
+    return torch.tensor(rewards, dtype=torch.float32)
+
+class SimulatedAnnotators(Annotator):
+    """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
+    votes for a with probability sigma(sharpness * (r(a) - r(b))); `gen`: the panel's stream."""
+
+    def __init__(self, n_annotators, sharpness, gen):
+        self.n_annotators = n_annotators
+        self.sharpness = sharpness
+        self.gen = gen
+
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
+        difference = hidden_rewards(texts_a) - hidden_rewards(texts_b)
+        probability = torch.sigmoid(self.sharpness * difference)
+        return torch.bernoulli(probability[:, None].expand(-1, self.n_annotators),
+                               generator=self.gen)
+
+    def reward(self, texts):
+        return hidden_rewards(texts)
 
 # --- The other annotators. --annotators is a comma-separated list of:
 #   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
 #   judge:MODEL  a causal LM asked which response is better, in both orders
 #   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
-def parse_annotators(spec, n_sim):
-    """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed."""
-    kinds = []
-    for item in (x.strip() for x in spec.split(",")):
-        kind, _, arg = item.partition(":")
-        if kind == "sim" and (not arg or (arg.isdigit() and int(arg) >= 1)):
-            kinds.append(("sim", int(arg) if arg else n_sim))
-        elif kind in ("judge", "rm") and arg:
-            check_model(f"--annotators {kind}:{arg}", arg)
-            kinds.append((kind, arg))
+def parse_annotators(spec, num_annotators):
+    """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed.
+    A bare 'sim' has num_annotators annotators."""
+    specs = []
+    for item in [part.strip() for part in spec.split(",")]:
+        kind, _, argument = item.partition(":")
+        if kind == "sim" and (not argument or (argument.isdigit() and int(argument) >= 1)):
+            specs.append(("sim", int(argument) if argument else num_annotators))
+        elif kind in ("judge", "rm") and argument:
+            check_model(f"--annotators {kind}:{argument}", argument)
+            specs.append((kind, argument))
         elif kind == "human":
             fail(f"--annotators {spec}: people are not asked at the terminal; collect their votes "
                  "and give the pairs with --pairs (votes_a, n_annotators per pair)")
         else:
             fail(f"--annotators {spec}: cannot read '{item}'; use sim[:N], judge:MODEL or "
                  "rm:MODEL, separated by commas")
-    return kinds
+    return specs
 
 JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
                   "Response A:\n{a}\n\nResponse B:\n{b}\n\nAnswer with a single letter, A or B.")
 
 class ModelAnnotator(Annotator):
+    """An annotator that is a model: it reads batch_size inputs at a time, each cut to
+    max_tokens tokens."""
+
     def __init__(self, model, tokenizer, batch_size, max_tokens):
-        self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
 
 class JudgeAnnotator(ModelAnnotator):
     """A causal LM as a judge: P(a is better) from its next-token logits for the labels A and B,
     asked with a first and with b first, averaged, so that an LLM judge's position bias cancels."""
 
-    def __init__(self, model, tokenizer, *sizes):
-        super().__init__(model, tokenizer, *sizes)
-        self.labels = [tokenizer(x, add_special_tokens=False)["input_ids"][-1] for x in "AB"]
+    def __init__(self, model, tokenizer, batch_size, max_tokens):
+        super().__init__(model, tokenizer, batch_size, max_tokens)
+        # The token ids of the answers 'A' and 'B'.
+        self.labels = [tokenizer(label, add_special_tokens=False)["input_ids"][-1]
+                       for label in ("A", "B")]
         if self.labels[0] == self.labels[1]:
             raise ValueError("its tokenizer cannot tell the labels 'A' and 'B' apart")
 
     @torch.no_grad()
     def compare(self, prompts, texts_a, texts_b):
-        (label_a, label_b), tok, size = self.labels, self.tokenizer, self.batch_size
-        ids = [encode_prompt(tok, JUDGE_QUESTION.format(prompt=q, a=x, b=y), self.max_tokens)
-               for q, x, y in zip(prompts * 2, texts_a + texts_b, texts_b + texts_a)]  # both orders
-        p = []
-        for i in range(0, len(ids), size):
-            batch = left_pad(ids[i:i + size], tok.pad_token_id, self.model.device)
-            logits = last_logits(self.model, *batch, keep=1)[:, -1].float()
-            p += torch.sigmoid(logits[:, label_a] - logits[:, label_b]).tolist()
-        n = len(prompts)
-        return ((torch.tensor(p[:n]) + 1 - torch.tensor(p[n:])) / 2)[:, None]
+        question_ids = []  # every pair twice: first with a as Response A, then with b
+        for prompt, first, second in zip(prompts * 2, texts_a + texts_b, texts_b + texts_a):
+            question = JUDGE_QUESTION.format(prompt=prompt, a=first, b=second)
+            question_ids.append(encode_prompt(self.tokenizer, question, self.max_tokens))
+        label_a, label_b = self.labels
+        first_better = []  # P(Response A is better), one per question
+        for start in range(0, len(question_ids), self.batch_size):
+            batch = left_pad(question_ids[start:start + self.batch_size],
+                             self.tokenizer.pad_token_id, self.model.device)
+            logits = last_logits(self.model, *batch, keep=1)[:, -1].float()  # (B, V)
+            first_better += torch.sigmoid(logits[:, label_a] - logits[:, label_b]).tolist()
+        # P(a is better): asked with a first, and 1 - P(b is better) asked with b first, averaged.
+        count = len(prompts)
+        a_first, b_first = torch.tensor(first_better[:count]), torch.tensor(first_better[count:])
+        return ((a_first + 1 - b_first) / 2)[:, None]  # (P, 1)
 
 class RewardModelAnnotator(ModelAnnotator):
     """A scalar reward model scores each distinct response once; p(a > b) = sigma(r_a - r_b)."""
 
     @torch.no_grad()
     def scores(self, prompts, texts):
-        out = []
-        for i in range(0, len(texts), self.batch_size):
-            q, y = prompts[i:i + self.batch_size], texts[i:i + self.batch_size]
-            if self.tokenizer.chat_template:  # a chat RM scores the conversation
-                q = [self.tokenizer.apply_chat_template([{"role": "user", "content": a},
-                                                         {"role": "assistant", "content": b}],
-                                                        tokenize=False) for a, b in zip(q, y)]
-                y = None
-            enc = self.tokenizer(q, y, padding=True, truncation=True, max_length=self.max_tokens,
-                                 return_tensors="pt").to(self.model.device)
-            out.append(self.model(**enc).logits[:, 0].float().cpu())
-        return torch.cat(out)
+        """The reward of each (prompt, response text): (P,) float32."""
+        rewards = []
+        for start in range(0, len(texts), self.batch_size):
+            batch_prompts = prompts[start:start + self.batch_size]
+            batch_texts = texts[start:start + self.batch_size]
+            if self.tokenizer.chat_template:  # a chat RM scores the conversation, as one text
+                conversations = [[{"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": text}]
+                                 for prompt, text in zip(batch_prompts, batch_texts)]
+                inputs = [self.tokenizer.apply_chat_template(conversation, tokenize=False)
+                          for conversation in conversations]
+                input_pairs = None
+            else:  # the others score the prompt and the response as a pair of texts
+                inputs, input_pairs = batch_prompts, batch_texts
+            encoded = self.tokenizer(inputs, input_pairs, padding=True, truncation=True,
+                                     max_length=self.max_tokens, return_tensors="pt")
+            logits = self.model(**encoded.to(self.model.device)).logits
+            rewards.append(logits[:, 0].float().cpu())
+        return torch.cat(rewards)
 
     def compare(self, prompts, texts_a, texts_b):
-        keys = sorted(set(zip(prompts, texts_a)) | set(zip(prompts, texts_b)))
-        score = dict(zip(keys, self.scores([k[0] for k in keys], [k[1] for k in keys]).tolist()))
-        r_a, r_b = (torch.tensor([score[k] for k in zip(prompts, t)]) for t in (texts_a, texts_b))
-        return torch.sigmoid(r_a - r_b)[:, None]
+        distinct = sorted(set(zip(prompts, texts_a)) | set(zip(prompts, texts_b)))
+        rewards = self.scores([prompt for prompt, _ in distinct], [text for _, text in distinct])
+        reward_of = dict(zip(distinct, rewards.tolist()))  # (prompt, text) -> its reward
+        reward_a = torch.tensor([reward_of[pair] for pair in zip(prompts, texts_a)])
+        reward_b = torch.tensor([reward_of[pair] for pair in zip(prompts, texts_b)])
+        return torch.sigmoid(reward_a - reward_b)[:, None]  # (P, 1)
 
-def build_panel(args, device):
-    """Load every annotator of --annotators; one that cannot be loaded stops the run."""
+def build_panel(args, device, batch_size):
+    """Load every annotator of --annotators; one that cannot be loaded stops the run. A judge or
+    reward model reads batch_size inputs at a time."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    gen = torch.Generator().manual_seed(args.seed)  # the simulated votes' stream
+    generator = torch.Generator().manual_seed(args.seed)  # the simulated votes' stream
     annotators = []
-    for kind, arg in args.annotator_specs:
-        if kind == "sim":
-            annotators.append(SimulatedAnnotators(arg, args.sharpness, gen))
+    for kind, argument in args.annotator_specs:
+        if kind == "sim":  # argument: the number of simulated annotators
+            annotators.append(SimulatedAnnotators(argument, args.sharpness, generator))
             continue
+        name = argument  # a model's hub name or folder
+        judge = kind == "judge"
         try:
-            tok = AutoTokenizer.from_pretrained(arg)
-            tok.pad_token = tok.pad_token or tok.eos_token
-            if kind == "judge" and not tok.chat_template:
-                tok.chat_template = CHAT_TEMPLATES[args.chat_format]
-            auto = AutoModelForCausalLM if kind == "judge" else AutoModelForSequenceClassification
-            model = auto.from_pretrained(arg, dtype=DTYPE[device.type]).to(device).eval()
-            model.config.pad_token_id = tok.pad_token_id
-            cls = JudgeAnnotator if kind == "judge" else RewardModelAnnotator
-            annotators.append(cls(model, tok, args.sample_batch, args.max_prompt_tokens * 4))
-        except (OSError, ValueError, ImportError) as e:
-            load_error(f"--annotators {kind}:{arg}", arg, e, "use a local folder or sim")
-    return Panel(annotators, gen)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+            if judge and not tokenizer.chat_template:
+                tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
+            model_class = AutoModelForCausalLM if judge else AutoModelForSequenceClassification
+            model = model_class.from_pretrained(name, dtype=DTYPE[device.type]).to(device).eval()
+            model.config.pad_token_id = tokenizer.pad_token_id
+            annotator_class = JudgeAnnotator if judge else RewardModelAnnotator
+            max_tokens = args.max_prompt_tokens * 4  # room for the prompt and the responses
+            annotators.append(annotator_class(model, tokenizer, batch_size, max_tokens))
+        except (OSError, ValueError, ImportError) as error:
+            load_error(f"--annotators {kind}:{name}", name, error, "use a local folder or sim")
+    return Panel(annotators, generator)
 
 # --- The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
 # The simulated annotators like positive words (POSITIVE and NEGATIVE, in Part I). A warm-up on
@@ -1037,15 +1255,22 @@ NEUTRAL = "fine okay long quiet busy usual".split()
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<reply>"]
 
 def tiny_prompts():
-    """The 640 built-in prompts, e.g. 'review the old hotel'."""
-    return [f"{v} the {q}{t}" for v in VERBS for q in QUALIFIERS for t in TOPICS]
+    """The 640 built-in prompts, e.g. 'review the old hotel': every verb, qualifier and topic."""
+    prompts = []
+    for verb in VERBS:
+        for qualifier in QUALIFIERS:
+            for topic in TOPICS:
+                prompts.append(f"{verb} the {qualifier}{topic}")
+    return prompts
 
-def tiny_review(prompt, gen):
+def tiny_review(prompt, generator):
     """A random review of the prompt's topic, 1 to 3 clauses, adjectives drawn uniformly."""
+    def pick(choices):  # one of the choices, uniformly, drawn from the generator
+        return choices[int(torch.randint(len(choices), (1,), generator=generator))]
+
     adjectives = POSITIVE + NEGATIVE + NEUTRAL
-    pick = lambda seq: seq[int(torch.randint(len(seq), (1,), generator=gen))]
     clauses = [f"the {prompt.split()[-1]} was {pick(adjectives)}"]
-    for _ in range(int(torch.randint(3, (1,), generator=gen))):
+    for _ in range(int(torch.randint(3, (1,), generator=generator))):
         clauses.append(f"the {pick(ASPECTS)} was {pick(adjectives)}")
     return " and ".join(clauses) + " ."
 
@@ -1056,11 +1281,12 @@ def build_tiny(folder, seed=0, steps=600):
 
     words = sorted(set(" ".join(tiny_prompts() + TOPICS + ASPECTS + POSITIVE + NEGATIVE + NEUTRAL
                                 + ["the was and . A B"]).split()))  # A, B: a judge's labels
-    vocab = {w: i for i, w in enumerate(SPECIALS + words)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>", additional_special_tokens=["<reply>"])
+    vocab = {word: i for i, word in enumerate(SPECIALS + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
+                                        eos_token="<eos>", unk_token="<unk>",
+                                        additional_special_tokens=["<reply>"])
     tokenizer.chat_template = CHAT_TEMPLATES["tiny"]  # "review the hotel <reply>"
     config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=64, n_layer=2, n_head=4,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -1068,22 +1294,31 @@ def build_tiny(folder, seed=0, steps=600):
                         pad_token_id=vocab["<pad>"])
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(config)
-    gen = torch.Generator().manual_seed(seed)
-    prompts = [tiny_prompts()[int(i)] for i in torch.randint(640, (steps * 64,), generator=gen)]
-    ids = {p: encode_prompt(tokenizer, p) for p in set(prompts)}
-    examples = [(ids[p], tokenizer(tiny_review(p, gen), add_special_tokens=False)["input_ids"]
-                 + [tokenizer.eos_token_id]) for p in prompts]
-    settings = SimpleNamespace(batch_size=64, micro_batch_size=64, warmup_ratio=0.1,
-                               max_grad_norm=1.0, lora_rank=0, gradient_checkpointing=False)
-    sft(model, tokenizer, examples, settings, lr=3e-3, epochs=1)  # the same SFT as --sft
+    # One epoch of `steps` batches: a random prompt and a random review of it per example.
+    batch_size = 64
+    generator = torch.Generator().manual_seed(seed)
+    all_prompts = tiny_prompts()
+    draws = torch.randint(len(all_prompts), (steps * batch_size,), generator=generator)
+    prompts = [all_prompts[int(i)] for i in draws]
+    prompt_ids = {prompt: encode_prompt(tokenizer, prompt) for prompt in set(prompts)}
+    examples = []
+    for prompt in prompts:
+        review = tokenizer(tiny_review(prompt, generator), add_special_tokens=False)["input_ids"]
+        examples.append((prompt_ids[prompt], review + [tokenizer.eos_token_id]))
+    settings = Training(lr=3e-3, epochs=1, batch_size=batch_size, micro_batch_size=batch_size)
+    sft(model, tokenizer, examples, settings)  # the same SFT as --sft
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     on_main(publish, folder, model, tokenizer, {})
 
 # --- Many processes: `torchrun --nproc_per_node N irepo.py ...` runs the method on N processes, one
-# GPU each. Each process samples, annotates and scores its share of the prompts, and trains on
-# its share of every batch; gather() gives every process all the pairs, and summed gradients give
-# all the same weights. Process 0 alone prints and writes files. Without torchrun these are no-ops.
-RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+# GPU each. Each process samples, annotates and scores its share of the prompts, and trains on its
+# share of every batch. In Part I, sample(), batched_logprobs() and Panel.compare() work on
+# shard() of their inputs and gather() the results, so that every process holds all the pairs;
+# fit() trains on shard() of each batch and sums the gradients with total(), so that all take the
+# same step to the same weights, and train() sums its per-pair diagnostics with total(). Process 0
+# alone prints and writes files (on_main). Without torchrun, WORLD is 1 and these change nothing.
+RANK = int(os.environ.get("RANK", 0))  # this process's number, from torchrun (0 without it)
+WORLD = int(os.environ.get("WORLD_SIZE", 1))  # the number of processes (1 without torchrun)
 
 def start_processes():
     """Join the processes torchrun started: NCCL between GPUs, gloo for CPU tensors (or alone)."""
@@ -1092,33 +1327,47 @@ def start_processes():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     if RANK:  # the others print nothing; their errors still reach stderr
-        sys.stdout, tqdm = open(os.devnull, "w"), functools.partial(tqdm, disable=True)
+        sys.stdout = open(os.devnull, "w")
+        tqdm = functools.partial(tqdm, disable=True)
 
 def shard(items, k=1):
-    """This process's share of items, taken k at a time (a prompt's k responses stay together)."""
-    return [x for i, x in enumerate(items) if i // k % WORLD == RANK]
+    """This process's share of items, taken k at a time (a prompt's k responses stay together):
+    the groups of k are dealt out in turn, group j to process j % WORLD."""
+    return [item for i, item in enumerate(items) if (i // k) % WORLD == RANK]
 
 def gather(items, k=1):
     """shard() undone: every process's share, in the original order, in every process."""
-    parts = [items] * WORLD
-    if len(parts) > 1:
-        dist.all_gather_object(parts, items)
-    groups = [[part[i:i + k] for i in range(0, len(part), k)] for part in parts]
-    return [x for j in range(len(groups[0])) for g in groups if j < len(g) for x in g[j]]
+    shares = [items] * WORLD  # shares[rank]: what process `rank` holds
+    if WORLD > 1:
+        dist.all_gather_object(shares, items)
+    groups = [[share[i:i + k] for i in range(0, len(share), k)] for share in shares]
+    # shard() dealt the groups out in turn, so the original order is every process's first
+    # group (process 0's, 1's, ...), then every process's second group, and so on. Process 0,
+    # dealt to first, holds the most groups; in the last turn some processes may hold none.
+    ordered = []
+    for turn in range(len(groups[0])):
+        for process_groups in groups:
+            if turn < len(process_groups):
+                ordered.extend(process_groups[turn])
+    return ordered
 
 def total(tensors):
     """Sum each tensor over the processes, in place: gradients, per-pair diagnostics. One
     all-reduce for them all (a call per tensor costs more than the sums on CPUs)."""
     tensors = list(tensors)
     if WORLD > 1:
-        flat = torch.cat([x.flatten() for x in tensors])
+        flat = torch.cat([tensor.flatten() for tensor in tensors])
         dist.all_reduce(flat)
-        for x, y in zip(tensors, flat.split([x.numel() for x in tensors])):
-            x.copy_(y.view_as(x))
+        sums = flat.split([tensor.numel() for tensor in tensors])
+        for tensor, summed in zip(tensors, sums):
+            tensor.copy_(summed.view_as(tensor))
 
-def on_main(fn, *args):
-    """fn(*args) in process 0 alone (files are written once); the others wait for its result."""
-    result = [fn(*args) if RANK == 0 else None]
+def on_main(function, *arguments):
+    """function(*arguments) in process 0 alone (files are written once); the others wait for
+    its result and return it too."""
+    result = [None]  # filled in by process 0, then sent to the others
+    if RANK == 0:
+        result[0] = function(*arguments)
     if WORLD > 1:
         dist.broadcast_object_list(result)
     return result[0]
@@ -1127,7 +1376,7 @@ def on_main(fn, *args):
 # complete, so a run killed at any point keeps its complete iterations; --resume continues
 # after the last one with the same random streams (each phase is seeded by its iteration).
 NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare",
-                    "annotator_specs", "sample_batch"}
+                    "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4}
 
@@ -1139,21 +1388,34 @@ def phase_seed(seed, iteration, phase):
 
 def write_atomic(path, text):
     """Write a file under a temporary name, then rename it: readers see all of it or none."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(path + ".tmp", "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(path + ".tmp", path)
 
 def complete_iterations(out):
-    """k such that iteration_1 .. iteration_k are all complete (renamed into place)."""
-    k = 0
-    while os.path.isfile(os.path.join(out, f"iteration_{k + 1}", "metrics.json")):
-        k += 1
-    return k
+    """The number k such that iteration_1 .. iteration_k are all complete (renamed into place)."""
+    count = 0
+    while os.path.isfile(os.path.join(out, f"iteration_{count + 1}", "metrics.json")):
+        count += 1
+    return count
 
 def run_settings(args):
-    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RUN_SETTINGS}
+    """The settings that define a run, as saved in config.json and compared by --resume."""
+    return {name: value for name, value in sorted(vars(args).items())
+            if name not in NOT_RUN_SETTINGS}
+
+def is_run_file(entry):
+    return entry in RUN_FILES or entry.startswith("iteration_")
+
+def changed_settings(args):
+    """'--flag saved (now new)' for every setting that differs from the run saved in --out."""
+    config_path = os.path.join(args.out, "config.json")
+    saved = read_json(config_path) if os.path.isfile(config_path) else {}
+    settings = run_settings(args)
+    return [f"--{name.replace('_', '-')} {saved.get(name)} (now {settings.get(name)})"
+            for name in sorted(set(saved) | set(settings)) if saved.get(name) != settings.get(name)]
 
 def check_out(args):
     """Check --out (writable, not another run's); returns the iterations --resume skips."""
@@ -1161,42 +1423,50 @@ def check_out(args):
         os.makedirs(args.out, exist_ok=True)
         write_atomic(os.path.join(args.out, ".write-test"), "")
         os.remove(os.path.join(args.out, ".write-test"))
-    except OSError as e:
-        fail(f"--out {args.out}: cannot be written ({e.strerror}); choose another folder")
-    settings, config_path = run_settings(args), os.path.join(args.out, "config.json")
-    ours = [e for e in os.listdir(args.out) if e in RUN_FILES or e.startswith("iteration_")]
-    if ours and not (args.resume or args.overwrite):
+    except OSError as error:
+        fail(f"--out {args.out}: cannot be written ({error.strerror}); choose another folder")
+    has_run = any(is_run_file(entry) for entry in os.listdir(args.out))
+    if has_run and not (args.resume or args.overwrite):
         fail(f"--out {args.out} already holds a run ({complete_iterations(args.out)} complete "
              "iterations); add --resume to continue it or --overwrite to start again")
-    if ours and args.resume:
-        saved = read_json(config_path) if os.path.isfile(config_path) else {}
-        diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (now {settings.get(k)})"
-                 for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
-        if diffs:
-            fail(f"--resume: {args.out} was written with other settings: {', '.join(diffs)}; "
-                 "rerun with the same flags, or use --overwrite")
-    return complete_iterations(args.out) if args.resume else 0
+    if not args.resume:
+        return 0
+    if not has_run:  # job scripts that always pass --resume start here
+        print(f"--resume: {args.out}/ holds no run to resume; starting one")
+        return 0
+    differences = changed_settings(args)
+    if differences:
+        fail(f"--resume: {args.out} was written with other settings: {', '.join(differences)}; "
+             "rerun with the same flags, or use --overwrite")
+    return complete_iterations(args.out)
 
 def claim_out(args):
     """Clear what --overwrite replaces and a killed run left half-written; save the settings."""
     for entry in os.listdir(args.out):
-        ours = entry in RUN_FILES or entry.startswith("iteration_")
-        if (args.overwrite and ours) or entry.endswith(".tmp"):
+        if (args.overwrite and is_run_file(entry)) or entry.endswith(".tmp"):
             path = os.path.join(args.out, entry)  # a .tmp is an iteration cut short
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
     write_atomic(os.path.join(args.out, "config.json"),
                  json.dumps(run_settings(args), indent=1) + "\n")
-
-def load_eval(path):
-    saved = read_json(path)  # initial_eval.json or eval.json: held-out responses, log-probs
-    return saved["responses"], torch.tensor(saved["logps"])
 
 def jsonl_line(row):
     return json.dumps(row) + "\n"
 
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    with open(path) as file:
+        return json.load(file)
+
+def samples_json(samples):
+    """initial_eval.json and eval.json: a policy's held-out responses and their log-probs."""
+    return json.dumps({"responses": samples.responses, "logps": samples.logps.tolist()})
+
+def load_samples(path, tokenizer):
+    saved = read_json(path)
+    return Samples(saved["responses"], decode(tokenizer, saved["responses"]),
+                   torch.tensor(saved["logps"]))
 
 def publish(folder, model, tokenizer, files):
     """Save a model, its tokenizer and `files` ({name: text}) under folder.tmp, then rename it:
@@ -1209,118 +1479,184 @@ def publish(folder, model, tokenizer, files):
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(folder + ".tmp", folder)
 
-def save_iteration(out, t, model, tokenizer, rows, ev, metrics):
-    """iteration_t/ (model, tokenizer, pairs, samples, metrics) and metrics.jsonl; a write
-    error removes the half-written folder and leaves the complete iterations intact."""
+def save_iteration(out, t, model, tokenizer, rows, latest, metrics):
+    """iteration_t/ (model, tokenizer, pairs, held-out samples, metrics) and metrics.jsonl; a
+    write error removes the half-written folder and leaves the complete iterations intact."""
     final = os.path.join(out, f"iteration_{t}")
     try:
-        held_out = {"responses": ev.previous, "logps": ev.previous_logps.tolist()}
         publish(final, model, tokenizer, {"pairs.jsonl": "".join(map(jsonl_line, rows)),
                                           "metrics.json": jsonl_line(metrics),
-                                          "eval.json": json.dumps(held_out)})
+                                          "eval.json": samples_json(latest)})
         write_atomic(f"{out}/metrics.jsonl", "".join(map(jsonl_line, read_metrics(out))))
-    except OSError as e:
+    except OSError as error:
         shutil.rmtree(final + ".tmp", ignore_errors=True)
-        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-        fail(f"writing {final} failed ({e.strerror or e}); the {t - 1} complete iterations "
-             f"before it are intact; {'free some space' if full else 'fix that'}, then rerun "
-             "with --resume")
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        fail(f"writing {final} failed ({error.strerror or error}); the {t - 1} complete "
+             f"iterations before it are intact; {'free some space' if full else 'fix that'}, "
+             "then rerun with --resume")
 
 def read_metrics(out):
     """The metrics rows of every complete iteration in `out`, in order."""
-    return [read_json(os.path.join(out, f"iteration_{k}", "metrics.json"))
-            for k in range(1, complete_iterations(out) + 1)]
+    return [read_json(os.path.join(out, f"iteration_{number}", "metrics.json"))
+            for number in range(1, complete_iterations(out) + 1)]
+
+@dataclass
+class Run:
+    """What the loop works with: pi_t, its tokenizer, the panel, the prompts or given pairs, the
+    held-out set, and where the run starts (0, or after the iterations that --resume keeps)."""
+    out: str  # --out
+    start: int
+    history: list  # the metrics of the complete iterations
+    device: torch.device = None
+    model: torch.nn.Module = None  # pi_t
+    tokenizer: object = None
+    pad_id: int = None
+    panel: Panel = None
+    chunks: list = None  # T chunks of prompts, or None with --pairs
+    given: list = None  # T chunks of given pairs (--pairs), or None
+    held_out: HeldOut = None
+    latest: Samples = None  # pi_t's held-out samples: the evaluation's reference for KL
+    sample_batch: int = None  # prompts per generate() call, 'auto' resolved
+
+def read_inputs(args):
+    """Every input file read and checked before anything expensive: held-out prompts, the
+    chunks of prompts, the given pairs and the SFT conversations (None where not given)."""
+    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
+    held_out, chunks = split_prompts(prompts, args)
+    given = None
+    if args.pairs:
+        given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
+    conversations = read_conversations(args.sft) if args.sft else None
+    return held_out, chunks, given, conversations
+
+def print_start(args, device, held_out, chunks, given, start):
+    print("config: " + " ".join(f"{name}={value}" for name, value in sorted(vars(args).items())
+                                if name not in ("annotator_specs", "warmup")))
+    processes = f" in {WORLD} processes" if WORLD > 1 else ""
+    if given:
+        chunk = f"{len(given[0])} given pairs"
+    else:
+        chunk = f"{len(chunks[0])} prompts"
+    resuming = f"; resuming after iteration {start}" if start else ""
+    print(f"device: {device}{processes}, {len(held_out)} held-out prompts, {len(chunks)} chunks "
+          f"of {chunk}{resuming}")
+
+def print_initial_reward(panel, held_out):
+    reward = panel.reward(held_out.initial.texts)
+    if reward is not None:
+        print(f"pi_0: true reward {reward.mean():.3f} on held-out prompts")
 
 def start_run(args):
     """Every input checked before anything expensive, then pi_t (pi_0, or the last complete
-    iteration on --resume), the panel and pi_0's held-out samples; `start` is the first t."""
+    iteration on --resume), the panel, the held-out prompts; on --resume, the held-out samples
+    of pi_0 and pi_t as saved. The loop draws pi_0's own when it starts from t = 0."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # see DTYPE
-    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
-    held_out, chunks = split_prompts(prompts, args)
-    given = (split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
-             if args.pairs else None)
-    conversations = read_conversations(args.sft) if args.sft else None
+    held_out_prompts, chunks, given, conversations = read_inputs(args)
     start = on_main(check_out, args)
-    print("config: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())
-                                if k not in ("annotator_specs", "warmup")))
-    print(f"device: {device}" + (f" in {WORLD} processes" if WORLD > 1 else "")
-          + f", {len(held_out)} held-out prompts, {len(chunks)} chunks of "
-          + (f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts")
-          + (f"; resuming after iteration {start}" if start else ""))
-    r = SimpleNamespace(start=start, out=args.out, history=read_metrics(args.out)[:start], ev=None)
+    print_start(args, device, held_out_prompts, chunks, given, start)
+    state = Run(out=args.out, start=start, history=read_metrics(args.out)[:start])
     if start == args.iterations:
         print(f"all {start} iterations are complete in {args.out}/")
-        return r
-
-    base = args.warmup if args.model == "tiny" else args.model
+        return state
     if start:
-        model, tokenizer = load_policy(args, device, os.path.join(args.out, f"iteration_{start}"))
+        folder = os.path.join(args.out, f"iteration_{start}")
+        model, tokenizer = load_policy(args, device, folder)
+    elif conversations:
+        model, tokenizer = build_sft(args, device, conversations)
     else:
-        model, tokenizer = (build_sft(args, device, base, conversations) if conversations
-                            else load_policy(args, device, base))
-    args.sample_batch = sample_batch(model, args, device)
-    panel = build_panel(args, device)
+        model, tokenizer = load_policy(args, device, base_model(args))
+    state.sample_batch = sample_batch(model, args, device)
+    panel = build_panel(args, device, state.sample_batch)
     on_main(claim_out, args)
-
-    # pi_0 on the held-out prompts: eval_samples responses per prompt, kept for every later
-    # comparison (and saved, so that a resumed run compares against the very same samples).
-    repeated = [p for p in held_out for _ in range(args.eval_samples)]
-    ev = SimpleNamespace(prompts=repeated, ids=[
-        encode_prompt(tokenizer, p, args.max_prompt_tokens) for p in repeated])
-    initial_path = os.path.join(args.out, "initial_eval.json")
+    # Each held-out prompt eval_samples times: several responses give less noisy estimates.
+    repeated = [prompt for prompt in held_out_prompts for _ in range(args.eval_samples)]
+    held_out = HeldOut(repeated, [encode_prompt(tokenizer, prompt, args.max_prompt_tokens)
+                                  for prompt in repeated])
     if start:
-        ev.initial, ev.initial_logps = load_eval(initial_path)
-        ev.previous, ev.previous_logps = load_eval(f"{args.out}/iteration_{start}/eval.json")
-    else:
-        torch.manual_seed(phase_seed(args.seed, 0, "eval"))
-        ev.initial = sample(model, tokenizer, ev.ids, 1, args, "sample pi_0")
-        ev.initial_logps = batched_logprobs(model, ev.ids, ev.initial, tokenizer.pad_token_id,
-                                            args.sample_batch)
-        on_main(write_atomic, initial_path,
-                json.dumps({"responses": ev.initial, "logps": ev.initial_logps.tolist()}))
-        ev.previous, ev.previous_logps = ev.initial, ev.initial_logps  # pi_t's, log pi_t
-    ev.initial_texts = decode(tokenizer, ev.initial)
-    reward = panel.reward(ev.initial_texts)
-    if reward is not None:
-        print(f"pi_0: true reward {reward.mean():.3f} on held-out prompts")
-    r.__dict__.update(device=device, model=model, tokenizer=tokenizer, pad=tokenizer.pad_token_id,
-                      panel=panel, chunks=chunks, given=given, ev=ev)
-    return r
+        held_out.initial = load_samples(os.path.join(args.out, "initial_eval.json"), tokenizer)
+        state.latest = load_samples(os.path.join(folder, "eval.json"), tokenizer)
+        print_initial_reward(panel, held_out)
+    state.device, state.model, state.tokenizer = device, model, tokenizer
+    state.pad_id, state.panel = tokenizer.pad_token_id, panel
+    state.chunks, state.given, state.held_out = chunks, given, held_out
+    return state
+
+def save_initial(state):
+    """pi_0's held-out samples, saved so that a resumed run compares with the very same ones."""
+    on_main(write_atomic, os.path.join(state.out, "initial_eval.json"),
+            samples_json(state.held_out.initial))
+    print_initial_reward(state.panel, state.held_out)
+
+def base_model(args):
+    """The folder pi_0 starts from: the tiny warm-up, or --model."""
+    return args.warmup if args.model == "tiny" else args.model
 
 SFT_SETTINGS = ("model", "sft", "sft_lr", "sft_epochs", "seed", "lora_rank", "lora_alpha",
                 "lora_targets", "batch_size", "micro_batch_size", "warmup_ratio", "max_grad_norm",
                 "max_prompt_tokens", "max_new_tokens", "chat_format")
 
-def build_sft(args, device, base, conversations):
+def sft(model, tokenizer, examples, settings):
+    """The supervised warm-up that makes pi_0 from (prompt_ids, response_ids) examples: the mean
+    NLL of each example's response tokens, by the method's own helpers (LoRA merged after)."""
+    def micro_loss(indices, epoch):
+        prompt_ids = [examples[i][0] for i in indices]
+        response_ids = [examples[i][1] for i in indices]
+        input_ids, attention_mask, response_mask = collate(
+            prompt_ids, response_ids, tokenizer.pad_token_id, model.device)
+        logps = sequence_logprobs(model, input_ids, attention_mask, response_mask)
+        return -(logps / response_mask.sum(-1)).sum()
+    with trainable(model, settings) as params:
+        fit(params, len(examples), micro_loss, settings, "SFT")
+
+def sft_is_saved(path, recipe):
+    return os.path.isfile(path) and read_json(path) == recipe
+
+def build_sft(args, device, conversations):
     """pi_0 as the paper makes it: --model fine-tuned on --sft, saved as sft/ in --out and
     reused while every setting the SFT reads stays the same (--overwrite keeps it)."""
-    folder, recipe = os.path.join(args.out, "sft"), {k: getattr(args, k) for k in SFT_SETTINGS}
-    made = os.path.join(folder, "sft.json")
-    if on_main(lambda: os.path.isfile(made) and read_json(made) == recipe):
+    folder = os.path.join(args.out, "sft")
+    recipe = {name: getattr(args, name) for name in SFT_SETTINGS}
+    if on_main(sft_is_saved, os.path.join(folder, "sft.json"), recipe):
         return load_policy(args, device, folder)
-    model, tokenizer = load_policy(args, device, base)
+    model, tokenizer = load_policy(args, device, base_model(args))
     torch.manual_seed(args.seed)
-    sft(model, tokenizer, sft_examples(tokenizer, conversations, args), args, args.sft_lr,
-        args.sft_epochs)
+    examples = sft_examples(tokenizer, conversations, args)
+    sft(model, tokenizer, examples, training(args, args.sft_lr, args.sft_epochs))
     on_main(publish, folder, model, tokenizer, {"sft.json": json.dumps(recipe)})
     return model, tokenizer  # trained in memory: the saved copy need not be loaded again
 
-def finish_iteration(r, t, rows, m):
-    """Save iteration t + 1 (atomically), record its metrics m and print its one line."""
-    on_main(save_iteration, r.out, t + 1, r.model, r.tokenizer, rows, r.ev, m)
-    r.history.append(m)
-    print(f"iter {t + 1} | loss {m['loss']:.4f} | mse {m['regression_mse']:.4f} "
-          f"| sign {m['sign_agreement']:.2f} | win {m['win_rate_vs_initial']:.3f} "
-          + (f"| reward {m['true_reward']:+.3f} " if m["true_reward"] is not None else "")
-          + f"| kl_ref {m['kl_to_reference']:.3f} | len {m['response_tokens_mean']:.1f} "
-          f"| sample {m['seconds_sample']:.1f}s annotate {m['seconds_annotate']:.1f}s "
-          f"train {m['seconds_train']:.1f}s ({m['train_tokens_per_s']:.0f} tok/s)")
+def finish_iteration(state, t, rows, metrics):
+    """Save iteration t + 1 (atomically), record its metrics and print its one line."""
+    on_main(save_iteration, state.out, t + 1, state.model, state.tokenizer, rows,
+            state.latest, metrics)
+    state.history.append(metrics)
+    print(metrics_line(metrics))
 
-def show_samples(r, args):
+def metrics_line(metrics):
+    """The one fixed-format line of an iteration."""
+    line = (f"iter {metrics['iteration']} | loss {metrics['loss']:.4f} "
+            f"| mse {metrics['regression_mse']:.4f} | sign {metrics['sign_agreement']:.2f} "
+            f"| win {metrics['win_rate_vs_initial']:.3f} ")
+    if metrics["true_reward"] is not None:
+        line += f"| reward {metrics['true_reward']:+.3f} "
+    return line + (f"| kl_ref {metrics['kl_to_reference']:.3f} "
+                   f"| len {metrics['response_tokens_mean']:.1f} "
+                   f"| sample {metrics['seconds_sample']:.1f}s "
+                   f"annotate {metrics['seconds_annotate']:.1f}s "
+                   f"train {metrics['seconds_train']:.1f}s "
+                   f"({metrics['train_tokens_per_s']:.0f} tok/s)")
+
+def show_samples(state, args):
     """Three held-out prompts with the responses of pi_0 and of the last policy."""
-    shown = list(zip(r.ev.prompts, r.ev.initial_texts, r.ev.texts))[::args.eval_samples][:3]
-    for prompt, before, after in shown:
+    shown = zip(state.held_out.prompts, state.held_out.initial.texts, state.latest.texts)
+    for prompt, before, after in list(shown)[::args.eval_samples][:3]:
         print(f"  {prompt!r}\n    pi_0: {before}\n    pi_{args.iterations}: {after}")
+
+def resume_command(argv):
+    """The command that resumes this run: its flags, less --overwrite, plus --resume."""
+    flags = [flag for flag in argv if flag not in ("--overwrite", "--resume")]
+    launch = f"torchrun --nproc_per_node {WORLD}" if WORLD > 1 else "python"
+    return f"{launch} irepo.py {shlex.join(flags + ['--resume'])}"
 
 def main(argv=None):
     if "LOCAL_RANK" in os.environ:  # started by torchrun
@@ -1340,17 +1676,14 @@ def main(argv=None):
     try:
         history = run(args)
     except KeyboardInterrupt:
-        argv = [a for a in (sys.argv[1:] if argv is None else argv)
-                if a not in ("--overwrite", "--resume")]
-        launch = f"torchrun --nproc_per_node {WORLD}" if WORLD > 1 else "python"
         if RANK == 0:
             print(f"\nirepo.py: interrupted; {complete_iterations(args.out)} complete iterations "
-                  f"are kept in {args.out}/. Resume with: {launch} irepo.py "
-                  f"{shlex.join(argv + ['--resume'])}", file=sys.stderr)
+                  f"are kept in {args.out}/. Resume with: "
+                  f"{resume_command(sys.argv[1:] if argv is None else argv)}", file=sys.stderr)
         sys.exit(130)
     last = history[-1]
-    rewards = " -> ".join(f"{m['true_reward']:+.2f}" for m in history
-                          if m["true_reward"] is not None)
+    rewards = " -> ".join(f"{metrics['true_reward']:+.2f}" for metrics in history
+                          if metrics["true_reward"] is not None)
     print(f"done in {time.time() - tic:.0f}s: win-rate vs pi_0 {last['win_rate_vs_initial']:.3f}"
           + (f", true reward {rewards}" if rewards else "") + f"; outputs in {args.out}/")
 
@@ -1359,161 +1692,206 @@ def main(argv=None):
 # =============================================================================================
 
 # --- The theory, checked numerically (python irepo.py --theory). A tabular world where everything
-# is exact: X prompts, Y responses each, a reference pi_ref, true rewards r, Bradley-Terry
-# preferences P(i > j) = sigma(r_i - r_j), and a policy that is a table of logits. It runs
-# through the same irepo_loss, empirical_preference, preference_logit and zermelo_scores.
+# is exact: X prompts, Y responses each, a reference pi_ref, true rewards, Bradley-Terry
+# preferences P(i > j) = sigma(reward_i - reward_j), and a policy that is a table of logits. It
+# runs through the same irepo_loss, empirical_preference, preference_logit and zermelo_scores.
 def tabular_world(seed, prompts=4, responses=6):
-    """log pi_ref (X, Y) and true rewards r (X, Y), float64, drawn from a seeded normal."""
-    g = torch.Generator().manual_seed(seed)
-    draw = lambda: torch.randn(prompts, responses, generator=g, dtype=torch.float64)
-    return torch.log_softmax(draw(), -1), draw()
+    """log pi_ref (X, Y) and true rewards (X, Y), float64, drawn from a seeded normal."""
+    generator = torch.Generator().manual_seed(seed)
+    reference_logits = torch.randn(prompts, responses, generator=generator, dtype=torch.float64)
+    rewards = torch.randn(prompts, responses, generator=generator, dtype=torch.float64)
+    return torch.log_softmax(reference_logits, -1), rewards
 
-def optimal_policy(log_ref, r, beta):
+def optimal_policy(log_ref, rewards, beta):
     """log pi* = log pi_ref + r/beta - log Z: the maximizer of E_pi[r] - beta KL(pi || pi_ref)."""
-    return torch.log_softmax(log_ref + r / beta, -1)
+    return torch.log_softmax(log_ref + rewards / beta, -1)
 
 def kl(log_p, log_q):
+    """KL(p || q) over the last dimension, from log-probabilities."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
-def pair_weights(scheme, log_pi, r, k=4):
+def pair_indices(responses):
+    """The pairs i < j of that many responses, in a fixed order: (first, second), each (pairs,)."""
+    first, second = torch.triu_indices(responses, responses, 1)
+    return first, second
+
+def ranks(scores):
+    """The rank of each score along the last dimension, 0 for the lowest."""
+    order = scores.argsort(-1)  # the indices, lowest score first
+    return order.argsort(-1)
+
+def all_draws_in_ranks(cdf, lowest, highest, k):
+    """P(all k draws from pi have a rank in [lowest, highest]), where cdf[:, m] = P(rank < m);
+    0 for an empty range."""
+    return (cdf.gather(1, highest + 1) - cdf.gather(1, lowest)).clamp(min=0) ** k
+
+def pair_weights(scheme, log_pi, rewards, k=4):
     """P(pair i < j) per prompt, (X, pairs): 'uniform'; 'on-policy', i and j drawn from pi;
     'best-worst', the best and worst of k draws from pi, ranked by Zermelo scores of the exact
     preferences. Each gives every pair a positive probability."""
-    X, Y = r.shape
-    I, J = torch.triu_indices(Y, Y, 1)
+    prompts, responses = rewards.shape
+    first, second = pair_indices(responses)
     pi = log_pi.exp()
     if scheme == "uniform":
-        return torch.ones(X, len(I), dtype=r.dtype)
+        return torch.ones(prompts, len(first), dtype=rewards.dtype)
     if scheme == "on-policy":
-        return 2 * pi[:, I] * pi[:, J]
-    prefs = torch.sigmoid(r[:, :, None] - r[:, None, :]) * (1 - torch.eye(Y, dtype=r.dtype))
-    rank = zermelo_scores(prefs, prior=0.0).argsort(-1).argsort(-1)  # 0 = worst
-    cdf = F.pad(torch.zeros_like(pi).scatter(1, rank, pi).cumsum(-1), (1, 0))  # in rank order
-    mass = lambda lo, hi: (cdf.gather(1, hi + 1) - cdf.gather(1, lo)).clamp(min=0) ** k
-    lo, hi = torch.minimum(rank[:, I], rank[:, J]), torch.maximum(rank[:, I], rank[:, J])
-    # P(min rank = lo and max rank = hi) over k draws from pi, by inclusion-exclusion.
-    return mass(lo, hi) - mass(lo + 1, hi) - mass(lo, hi - 1) + mass(lo + 1, hi - 1)
+        return 2 * pi[:, first] * pi[:, second]
+    not_self = 1 - torch.eye(responses, dtype=rewards.dtype)
+    preferences = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :]) * not_self
+    rank = ranks(zermelo_scores(preferences, prior=0.0))  # (X, Y), 0 = worst
+    pi_in_rank_order = torch.zeros_like(pi).scatter(1, rank, pi)
+    cdf = F.pad(pi_in_rank_order.cumsum(-1), (1, 0))  # (X, Y + 1), cdf[:, m] = P(rank < m)
+    lower = torch.minimum(rank[:, first], rank[:, second])  # (X, pairs)
+    upper = torch.maximum(rank[:, first], rank[:, second])
+    # P(min rank = lower and max rank = upper) over k draws from pi, by inclusion-exclusion.
+    return (all_draws_in_ranks(cdf, lower, upper, k)
+            - all_draws_in_ranks(cdf, lower + 1, upper, k)
+            - all_draws_in_ranks(cdf, lower, upper - 1, k)
+            + all_draws_in_ranks(cdf, lower + 1, upper - 1, k))
 
 def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
     """Minimize sum_pairs w * irepo_loss over a table of logits from pi_ref (L-BFGS, float64);
-    targets (X, pairs); weights_fn(log_pi), the pair weights, is re-evaluated each round."""
-    Y = log_ref.shape[-1]
-    I, J = torch.triu_indices(Y, Y, 1)
-    theta = log_ref.clone().requires_grad_(True)
+    targets (X, pairs); weights_fn(log_pi), the pair weights w, is re-evaluated each round."""
+    first, second = pair_indices(log_ref.shape[-1])
+    logits = log_ref.clone().requires_grad_(True)
     for _ in range(rounds):
-        w = weights_fn(torch.log_softmax(theta, -1).detach()) if weights_fn else 1.0
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=500, tolerance_grad=1e-12,
-                                tolerance_change=1e-16, history_size=50,
-                                line_search_fn="strong_wolfe")
+        if weights_fn:
+            weights = weights_fn(torch.log_softmax(logits, -1).detach())
+        else:
+            weights = 1.0
+        optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12,
+                                      tolerance_change=1e-16, history_size=50,
+                                      line_search_fn="strong_wolfe")
 
         def closure():
-            opt.zero_grad()
-            logratio = torch.log_softmax(theta, -1) - log_ref  # (X, Y)
-            losses = w * irepo_loss(logratio[:, I], logratio[:, J], targets, beta)
-            loss = losses.sum() / (w.sum() if weights_fn else losses.numel())
+            optimizer.zero_grad()
+            logratio = torch.log_softmax(logits, -1) - log_ref  # (X, Y)
+            losses = weights * irepo_loss(logratio[:, first], logratio[:, second], targets, beta)
+            loss = losses.sum() / (weights.sum() if weights_fn else losses.numel())
             loss.backward()
             return loss
-        opt.step(closure)
-    return torch.log_softmax(theta, -1).detach()
+        optimizer.step(closure)
+    return torch.log_softmax(logits, -1).detach()
 
-def exact_targets(r):
-    I, J = torch.triu_indices(r.shape[-1], r.shape[-1], 1)
-    return preference_logit(torch.sigmoid(r[:, I] - r[:, J]))
+def exact_targets(rewards):
+    """logit P(i > j) = reward_i - reward_j per pair i < j, (X, pairs), through preference_logit."""
+    first, second = pair_indices(rewards.shape[-1])
+    return preference_logit(torch.sigmoid(rewards[:, first] - rewards[:, second]))
 
 def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst")):
     """Claim 1: with exact preferences the minimizer is pi*. Returns {(beta, scheme): error}."""
-    log_ref, r = tabular_world(0)
-    out = {}
+    log_ref, rewards = tabular_world(0)
+    errors = {}
     for beta in betas:
         for scheme in schemes:
-            weights = lambda log_pi: pair_weights(scheme, log_pi, r)
-            log_pi = fit_tabular(log_ref, exact_targets(r), beta, weights)
-            out[beta, scheme] = float((log_pi - optimal_policy(log_ref, r, beta)).abs().max())
-    return out
+            def weights_fn(log_pi):
+                return pair_weights(scheme, log_pi, rewards)
+            log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, weights_fn)
+            error = (log_pi - optimal_policy(log_ref, rewards, beta)).abs().max()
+            errors[beta, scheme] = float(error)
+    return errors
 
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
     """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), J(pi*) - J(pi_N) =
     beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean, stderr)}, a world per seed."""
-    gaps = {n: [] for n in ns}
+    suboptimality = {n: [] for n in ns}
     for seed in range(seeds):
-        log_ref, r = tabular_world(1000 + seed)
-        p = torch.sigmoid(exact_targets(r))
-        g = torch.Generator().manual_seed(seed)
-        star = optimal_policy(log_ref, r, beta)
+        log_ref, rewards = tabular_world(1000 + seed)
+        preferences = torch.sigmoid(exact_targets(rewards))  # P(i > j), (X, pairs)
+        generator = torch.Generator().manual_seed(seed)
+        log_optimal = optimal_policy(log_ref, rewards, beta)
         for n in ns:
-            votes = torch.binomial(torch.full_like(p, float(n)), p, generator=g)
+            trials = torch.full_like(preferences, float(n))
+            votes = torch.binomial(trials, preferences, generator=generator)
             targets = preference_logit(empirical_preference(votes, n, smoothing))
             log_pi = fit_tabular(log_ref, targets, beta, rounds=1)
-            gaps[n].append(float((beta * kl(log_pi, star)).mean()))
-    return {n: (float(torch.tensor(g).mean()), float(torch.tensor(g).std()) / seeds ** 0.5)
-            for n, g in gaps.items()}
+            suboptimality[n].append(float((beta * kl(log_pi, log_optimal)).mean()))
+    summary = {}
+    for n, per_world in suboptimality.items():
+        mean = float(torch.tensor(per_world).mean())
+        stderr = float(torch.tensor(per_world).std()) / seeds ** 0.5
+        summary[n] = (mean, stderr)
+    return summary
 
 def theory_iterations(ts=(1, 2, 3), beta=1.0):
     """Claim 3: T exact iterations with reference pi_t reach pi_0 exp(T r / beta) / Z.
     Returns {T: max |log pi_T - log pi*_{beta/T}|}."""
-    log_ref, r = tabular_world(0)
-    out, log_pi = {}, log_ref
+    log_ref, rewards = tabular_world(0)
+    errors = {}
+    log_pi = log_ref
     for t in range(1, max(ts) + 1):
-        log_pi = fit_tabular(log_pi, exact_targets(r), beta)  # pi_t is the next reference
+        log_pi = fit_tabular(log_pi, exact_targets(rewards), beta)  # pi_t is the next reference
         if t in ts:
-            out[t] = float((log_pi - optimal_policy(log_ref, r, beta / t)).abs().max())
-    return out
+            errors[t] = float((log_pi - optimal_policy(log_ref, rewards, beta / t)).abs().max())
+    return errors
 
 def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
     """Claim 4: each prompt has 4 responses and one pair (0, 1) with a single Bradley-Terry vote;
-    gradient descent on DPO and on iREPO (target logit 0.75 for the winner) from pi_ref. Returns
-    rows (step, DPO gap, iREPO gap, DPO's mean pi(y_l)); gap: log-ratio of winner - loser."""
-    log_ref, r = tabular_world(0, prompts=prompts, responses=4)
-    g = torch.Generator().manual_seed(0)
-    a_wins = torch.bernoulli(torch.sigmoid(r[:, 0] - r[:, 1]), generator=g)  # the single vote
-    target = preference_logit(empirical_preference(a_wins, 1, 0.5))  # +-log 3
-    sign = torch.where(target >= 0, 1.0, -1.0).double()
-    thetas = {name: log_ref.clone().requires_grad_(True) for name in ("dpo", "irepo")}
+    gradient descent on DPO and on iREPO from pi_ref, where iREPO's p_hat is 0.75 for the winner
+    of the vote (target logit +-log 3). Returns rows (step, DPO gap, iREPO gap, DPO's mean
+    pi(y_l)); gap: log-ratio of winner - loser."""
+    log_ref, rewards = tabular_world(0, prompts=prompts, responses=4)
+    generator = torch.Generator().manual_seed(0)
+    win_chance = torch.sigmoid(rewards[:, 0] - rewards[:, 1])  # P(response 0 beats 1)
+    vote = torch.bernoulli(win_chance, generator=generator)  # the single vote: 1 if 0 won
+    target = preference_logit(empirical_preference(vote, 1, 0.5))  # +-log 3
+    sign = torch.where(target >= 0, 1.0, -1.0).double()  # +1 where response 0 won the vote
+    logits_by_loss = {name: log_ref.clone().requires_grad_(True) for name in ("dpo", "irepo")}
     rows = []
     for step in range(steps + 1):
         gaps = {}
-        for name, theta in thetas.items():
-            logratio = torch.log_softmax(theta, -1) - log_ref
+        for name, policy_logits in logits_by_loss.items():
+            logratio = torch.log_softmax(policy_logits, -1) - log_ref
             gaps[name] = float((sign * (logratio[:, 0] - logratio[:, 1])).mean().detach())
             loss = LOSSES[name](logratio[:, 0], logratio[:, 1], target, beta).mean()
-            grad, = torch.autograd.grad(loss, theta)
+            gradient = torch.autograd.grad(loss, policy_logits)[0]
             with torch.no_grad():
-                theta -= lr * grad * prompts  # per-prompt step size lr
+                policy_logits -= lr * gradient * prompts  # per-prompt step size lr
         if step % every == 0:
-            log_pi = torch.log_softmax(thetas["dpo"].detach(), -1)
-            loser = torch.where(sign > 0, log_pi[:, 1], log_pi[:, 0]).exp().mean()
-            rows.append((step, gaps["dpo"], gaps["irepo"], float(loser)))
+            log_pi = torch.log_softmax(logits_by_loss["dpo"].detach(), -1)
+            log_loser = torch.where(sign > 0, log_pi[:, 1], log_pi[:, 0])
+            rows.append((step, gaps["dpo"], gaps["irepo"], float(log_loser.exp().mean())))
     return rows
+
+def log_log_slopes(suboptimality):
+    """The slope of log mean suboptimality against log N, by least squares over every N, and
+    the chord over the last three N (16, 64, 256 by default); input as theory_annotators'."""
+    log_n = torch.tensor([math.log(n) for n in suboptimality], dtype=torch.float64)
+    log_mean = torch.tensor([math.log(mean) for mean, _ in suboptimality.values()],
+                            dtype=torch.float64)
+    centred_n = log_n - log_n.mean()
+    slope = float((centred_n * (log_mean - log_mean.mean())).sum() / (centred_n ** 2).sum())
+    tail_slope = float((log_mean[-1] - log_mean[-3]) / (log_n[-1] - log_n[-3]))
+    return slope, tail_slope
 
 def theory_report():
     """Print one table per claim. Returns nothing; the tests assert the same functions."""
-    tic, schemes = time.time(), ("uniform", "on-policy", "best-worst")
+    start = time.time()
+    schemes = ("uniform", "on-policy", "best-worst")
     print("Claim 1. Exact preferences: the minimizer of the iREPO loss is pi* = pi_ref exp(r/beta)"
-          "/Z\n  max |log pi - log pi*| over 4 prompts x 6 responses\n  {:>6} {:>12} {:>12} {:>12}"
-          .format("beta", *schemes))
-    opt = theory_optimality(schemes=schemes)
-    for beta in sorted({b for b, _ in opt}):
-        print(f"  {beta:>6} " + " ".join(f"{opt[beta, s]:>12.1e}" for s in schemes))
+          "/Z\n  max |log pi - log pi*| over 4 prompts x 6 responses")
+    print(f"  {'beta':>6} " + " ".join(f"{scheme:>12}" for scheme in schemes))
+    errors = theory_optimality(schemes=schemes)
+    for beta in sorted({beta for beta, _ in errors}):
+        print(f"  {beta:>6} " + " ".join(f"{errors[beta, scheme]:>12.1e}" for scheme in schemes))
     print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
           f"\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds\n  {'N':>5} "
           f"{'beta*KL':>10} {'+-stderr':>10}")
-    ann = theory_annotators()
-    for n, (gap, se) in ann.items():
-        print(f"  {n:>5} {gap:>10.5f} {se:>10.5f}")
-    x = torch.tensor([math.log(n) for n in ann], dtype=torch.float64)
-    y = torch.tensor([math.log(g) for g, _ in ann.values()], dtype=torch.float64)
-    slope = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
-    tail = float((y[-1] - y[-3]) / (x[-1] - x[-3]))
-    print(f"  log-log slope: {slope:.2f} over all N, {tail:.2f} over N >= 16 (variance alone: -1)")
+    suboptimality = theory_annotators()
+    for n, (mean, stderr) in suboptimality.items():
+        print(f"  {n:>5} {mean:>10.5f} {stderr:>10.5f}")
+    slope, tail_slope = log_log_slopes(suboptimality)
+    print(f"  log-log slope: {slope:.2f} over all N, {tail_slope:.2f} over N >= 16 "
+          "(variance alone: -1)")
     print("\nClaim 3. T iterations with reference pi_t reach pi_0 exp(T r / beta) / Z (beta = 1)"
           f"\n  {'T':>3} {'max |log pi_T - log pi*_(beta/T)|':>36}")
-    for t, err in theory_iterations().items():
-        print(f"  {t:>3} {err:>36.1e}")
+    for t, error in theory_iterations().items():
+        print(f"  {t:>3} {error:>36.1e}")
     print("\nClaim 4. One vote per pair: log-ratio gap (winner - loser) under gradient descent, "
           f"beta = 0.1\n  {'step':>6} {'DPO gap':>10} {'iREPO gap':>10} {'DPO pi(y_l)':>12}")
-    for step, dpo, ire, loser in theory_hard_labels():
-        print(f"  {step:>6} {dpo:>10.3f} {ire:>10.3f} {loser:>12.2e}")
-    print(f"\n(theory checks took {time.time() - tic:.1f}s)")
+    for step, dpo_gap, irepo_gap, loser in theory_hard_labels():
+        print(f"  {step:>6} {dpo_gap:>10.3f} {irepo_gap:>10.3f} {loser:>12.2e}")
+    print(f"\n(theory checks took {time.time() - start:.1f}s)")
 
 # --- The losses compared (python irepo.py --compare): the reward-KL frontier of the DPO paper's
 # controlled sentiment experiment, on the tiny world. Each loss runs over a grid of beta (chosen so
@@ -1521,64 +1899,122 @@ def theory_report():
 # pi_0, true reward); a loss is better where its frontier lies above the others at equal KL.
 COMPARE_BETAS = {"irepo": (0.5, 1.0, 2.0), "dpo": (1.0, 2.0, 4.0), "ipo": (0.1, 0.25, 0.5)}
 
-def interpolate(points, x):
-    """y at x, linearly interpolated along points (x, y) taken in order of x; None outside."""
+def interpolate(points, level):
+    """The reward at KL `level`, linearly interpolated along points (kl, reward) taken in order
+    of KL; None outside them."""
     points = sorted(points)
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    for (kl_0, reward_0), (kl_1, reward_1) in zip(points, points[1:]):
+        if kl_0 <= level <= kl_1:
+            if kl_1 == kl_0:
+                return reward_0
+            return reward_0 + (reward_1 - reward_0) * (level - kl_0) / (kl_1 - kl_0)
+    return None
+
+def points_by_seed(rows):
+    """{(loss, seed): [(kl_to_initial, true_reward) of each of its rows, over every beta]}."""
+    points = {}
+    for row in rows:
+        point = (row["kl_to_initial"], row["true_reward"])
+        points.setdefault((row["loss"], row["seed"]), []).append(point)
+    return points
+
+def upper_envelope(points):
+    """The points (kl, reward), in order of KL, that beat the reward of every point before them."""
+    frontier = []
+    for kl_to_initial, true_reward in sorted(points):
+        if not frontier or true_reward > frontier[-1][1]:
+            frontier.append((kl_to_initial, true_reward))
+    return frontier
 
 def matched_rewards(rows, levels):
     """{loss: {level: [reward per seed]}}. A seed's frontier is the upper envelope of its points
     over every beta (a point counts if no point with less KL has more reward), interpolated
     along; past its last point it stays flat (a run can stop early), before its first, None."""
-    out = {}
-    for loss, seed in sorted({(r["loss"], r["seed"]) for r in rows}):
-        frontier = []
-        for x, y in sorted((r["kl_to_initial"], r["true_reward"]) for r in rows
-                           if (r["loss"], r["seed"]) == (loss, seed)):
-            if not frontier or y > frontier[-1][1]:
-                frontier.append((x, y))
+    table = {}
+    seed_points = points_by_seed(rows)
+    for loss, seed in sorted(seed_points):
+        frontier = upper_envelope(seed_points[loss, seed])
+        last_kl, last_reward = frontier[-1]
         for level in levels:
-            y = frontier[-1][1] if level >= frontier[-1][0] else interpolate(frontier, level)
-            if y is not None:
-                out.setdefault(loss, {}).setdefault(level, []).append(y)
-    return out
+            reward = last_reward if level >= last_kl else interpolate(frontier, level)
+            if reward is not None:
+                table.setdefault(loss, {}).setdefault(level, []).append(reward)
+    return table
+
+def comparable_losses(table, level):
+    """{loss: [reward per seed]} at this level, for the losses with at least 2 seeds there."""
+    return {loss: by_level[level] for loss, by_level in table.items()
+            if len(by_level.get(level, [])) >= 2}
 
 def verdict(table, level):
-    """'a > b' for each pair of losses where every seed of a beats every seed of b at this level
-    (with 3 seeds each, a 1/20 chance if a and b were the same loss); else 'within noise'."""
-    have = {loss: v[level] for loss, v in table.items() if len(v.get(level, [])) >= 2}
-    wins = [f"{a} > {b}" for a in have for b in have if a != b and min(have[a]) > max(have[b])]
+    """'first > second' for each ordered pair of losses where every seed of first beats every
+    seed of second at this level; else 'within noise'. If the two were the same loss, their
+    3 + 3 seeds would be exchangeable draws, and all 3 of one would exceed all 3 of the other
+    with chance 1/20 (one of the C(6, 3) = 20 equally likely splits). That is per comparison:
+    compare_losses makes one for each ordered pair of losses at each KL level (6 x 5 = 30 for
+    3 losses at 5 levels) and prints the count, so the chance of at least one false verdict is
+    much larger than 1/20; the union bound caps it at count x 1/20 (no cap at all for 30), and
+    the comparisons are correlated (neighbouring levels share the same runs)."""
+    rewards_by_loss = comparable_losses(table, level)
+    wins = []
+    for first in rewards_by_loss:
+        for second in rewards_by_loss:
+            if first != second and min(rewards_by_loss[first]) > max(rewards_by_loss[second]):
+                wins.append(f"{first} > {second}")
     return ", ".join(wins) or "within noise"
+
+def kl_range(rows):
+    """(low, high): the KL interval that every (loss, seed) covers, from the largest of their
+    smallest KLs to the smallest of their largest; low >= high when they share no interval."""
+    kls_by_seed = [[kl_to_initial for kl_to_initial, _ in points]
+                   for points in points_by_seed(rows).values()]
+    low = max(min(kls) for kls in kls_by_seed)
+    high = min(max(kls) for kls in kls_by_seed)
+    return low, high
+
+def mean_and_std(rewards):
+    """'mean +- std' of the seeds' rewards, 2 decimals; the mean alone for one seed."""
+    values = torch.tensor(rewards)
+    text = f"{values.mean():.2f}"
+    if len(values) > 1:
+        text += f" +- {values.std():.2f}"
+    return text
 
 def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
     """Every loss over its beta grid and `seeds` seeds, from one shared warm-up; frontier.jsonl; the
     true reward at KL levels inside every loss's and seed's range (nothing is extrapolated)."""
+    import argparse
+    metric_names = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
     rows = []
     for loss, betas in grid.items():
         for beta in betas:
-            for s in range(args.seed, args.seed + seeds):
-                out = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{s}")
-                sub = SimpleNamespace(**dict(vars(args), loss=loss, beta=beta, seed=s, out=out,
-                                             overwrite=True, resume=False))
-                print(f"\n=== --loss {loss} --beta {beta} --seed {s} ===")
-                keys = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
-                rows += [dict(loss=loss, beta=beta, seed=s, **{k: m[k] for k in keys})
-                         for m in run(sub)]
+            for seed in range(args.seed, args.seed + seeds):
+                run_dir = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{seed}")
+                run_args = argparse.Namespace(**dict(vars(args), loss=loss, beta=beta, seed=seed,
+                                                     out=run_dir, overwrite=True, resume=False))
+                print(f"\n=== --loss {loss} --beta {beta} --seed {seed} ===")
+                for metrics in run(run_args):
+                    row = dict(loss=loss, beta=beta, seed=seed)
+                    row.update({name: metrics[name] for name in metric_names})
+                    rows.append(row)
     on_main(write_atomic, os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
-    runs = {(r["loss"], r["seed"]) for r in rows}
-    low, high = (f(g(r["kl_to_initial"] for r in rows if (r["loss"], r["seed"]) == run)
-                   for run in runs) for f, g in ((max, min), (min, max)))
+    low, high = kl_range(rows)
     levels = [low + (high - low) * i / 4 for i in range(5)] if high > low else []
     table = matched_rewards(rows, levels)
     print(f"\nTrue reward at matched KL(pi_0 || pi_t), mean +- std over {seeds} seeds "
           f"(frontier.jsonl in {args.out}/ has every point):")
     print(f"{'KL':>6} " + "".join(f"{loss:>16}" for loss in grid) + "   verdict")
+    comparisons = 0
     for level in levels:
-        ys = [torch.tensor(table.get(loss, {}).get(level, [float("nan")])) for loss in grid]
-        cells = [f"{y.mean():.2f}" + (f" +- {y.std():.2f}" if len(y) > 1 else "") for y in ys]
-        print(f"{level:>6.2f} " + "".join(f"{c:>16}" for c in cells), "  ", verdict(table, level))
+        cells = [mean_and_std(table.get(loss, {}).get(level, [float("nan")])) for loss in grid]
+        print(f"{level:>6.2f} " + "".join(f"{cell:>16}" for cell in cells), "  ",
+              verdict(table, level))
+        compared = len(comparable_losses(table, level))
+        comparisons += compared * (compared - 1)
+    chance = f"1/{math.comb(2 * seeds, seeds)}"  # per comparison, were the two the same loss
+    print(f"{comparisons} comparisons (ordered pairs of losses x KL levels), each false with "
+          f"chance {chance} if the two losses were the same; at least one false verdict is far "
+          f"likelier (union bound: at most {comparisons} x {chance})")
     return rows
 
 if __name__ == "__main__":
