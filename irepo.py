@@ -138,7 +138,7 @@ def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
             finite score (the MLE alone would send it to infinity).
     Returns:
         (..., K) log-strengths, centred to mean 0. Fitted by Zermelo's (1929) fixed point,
-        the MM algorithm: gamma_i <- W_i / sum_j games_ij / (gamma_i + gamma_j).
+        the MM algorithm: gamma_i <- W_i / sum_j [games_ij / (gamma_i + gamma_j)].
     """
     K = wins.shape[-1]
     off_diagonal = 1.0 - torch.eye(K, dtype=torch.float64)
@@ -513,13 +513,15 @@ def held_out_samples(model, tokenizer, held_out, args, batch_size, desc):
 def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     """pi_{t+1}'s held-out samples; its win-rate against pi_0's and true reward; the KL from
     pi_t (whose samples are `previous`) and from pi_0. Returns (metrics, pi_{t+1}'s Samples)."""
-    torch.manual_seed(phase_seed(args.seed, t, "eval"))
+    torch.manual_seed(phase_seed(args.seed, t, "eval"))  # at t = 0, the seed of pi_0's draw
     panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
     current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
     # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over the
-    # held-out samples drawn from pi_t and pi_0 (unbiased; may come out < 0 by chance).
+    # held-out samples drawn from pi_t and pi_0: unbiased (it may come out < 0 by chance) when
+    # they are drawn at temperature 1, as in the tiny world; at another temperature they are not
+    # samples of pi_t itself, and the estimate is biased.
     kl_to_reference = (previous.logps - batched_logprobs(
         model, held_out.prompt_ids, previous.responses, tokenizer.pad_token_id, batch_size)).mean()
     kl_to_initial = (held_out.initial.logps - batched_logprobs(
@@ -530,7 +532,10 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
                 kl_to_reference=float(kl_to_reference),
                 kl_to_initial=float(kl_to_initial)), current
 
-# --- The loop.
+# --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
+# and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
+# --pairs; training/trainable choose what trains (LoRA adapters, merged after, or every weight);
+# shard/gather/total split the work among processes; phase_seed seeds each phase.
 def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
     state = start_run(args)  # input checked, pi_t loaded (t = 0, or where --resume continues)
@@ -552,7 +557,7 @@ def run(args):
         target = check_targets(rows, t)
 
         # 5. log pi_t of both responses, once, without gradients.
-        tic = time.time()
+        tic = time.time()  # seconds_train covers steps 5 and 6
         reference_a, reference_b = reference_logprobs(state.model, rows, state.pad_id,
                                                       args.micro_batch_size)
 
