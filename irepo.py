@@ -74,7 +74,7 @@ from tqdm.auto import tqdm
 # and Mistral-7B settings are overrides of those values; any flag overrides a preset.
 SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     # the method
-    loss=(str, ("irepo", "dpo", "ipo"), "irepo", "objective: iREPO, or DPO or IPO (same family)"),
+    loss=(str, ("irepo", "dpo", "ipo", "soft-dpo"), "irepo", "iREPO, or DPO, IPO, soft-label DPO"),
     iterations=(int, ">= 1", 3, "T, the number of iterations (fresh prompts each)"),
     num_responses=(int, ">= 2 (a pair needs two responses)", 4, "K, responses per prompt"),
     num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
@@ -183,7 +183,15 @@ def ipo_loss(logratio_a, logratio_b, target_logit, beta):
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
 
-LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss}
+def soft_dpo_loss(logratio_a, logratio_b, target_logit, beta):
+    """DPO's cross-entropy with the soft label p_hat = sigma(target_logit) as its target:
+    -p_hat log sigma(h) - (1 - p_hat) log sigma(-h). Its minimizer is iREPO's, h = logit p_hat,
+    but its gradient sigma(h) - p_hat saturates where iREPO's 2 (h - logit p_hat) grows."""
+    h = beta * (logratio_a - logratio_b)
+    p_hat = torch.sigmoid(target_logit)
+    return -p_hat * F.logsigmoid(h) - (1 - p_hat) * F.logsigmoid(-h)
+
+LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss, "soft-dpo": soft_dpo_loss}
 
 # --- Log-probabilities (used by steps 5-7). The one place that owns padding, positions, shifting,
 # masking and the fp32 upcast.
@@ -411,8 +419,9 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
 
 def without_ties(rows, loss):
     """DPO and IPO learn from a majority, and a pair with p_hat = 1/2 has none: they skip it
-    (counted in tied_pairs). iREPO keeps it, with target 0: an equal pair is information."""
-    if loss == "irepo":
+    (counted in tied_pairs). The soft-label losses keep it, with target 0: an equal pair is
+    information."""
+    if loss in ("irepo", "soft-dpo"):
         return rows, 0
     kept = [row for row in rows if abs(row["target_logit"]) > 1e-6]
     return kept, len(rows) - len(kept)
@@ -494,20 +503,6 @@ def train(model, rows, reference_a, reference_b, pad_id, args):
                 reward_margin=float(h_last.mean())), tokens
 
 # --- Step 7: evaluate pi_{t+1} against pi_0 on held-out prompts.
-@dataclass
-class Samples:
-    """One policy's responses to the held-out prompts: token ids, texts, log-probs under it."""
-    responses: list
-    texts: list
-    logps: torch.Tensor
-
-@dataclass
-class HeldOut:
-    """The held-out prompts, each repeated eval_samples times, and pi_0's responses to them."""
-    prompts: list
-    prompt_ids: list
-    initial: Samples = None  # pi_0's, drawn once before the first iteration (or loaded)
-
 def held_out_samples(model, tokenizer, held_out, args, batch_size, desc):
     """One response per (repeated) held-out prompt from the model, and its log-probs."""
     responses = sample(model, tokenizer, held_out.prompt_ids, 1, args.temperature,
@@ -1551,6 +1546,20 @@ def read_metrics(out):
             for number in range(1, complete_iterations(out) + 1)]
 
 @dataclass
+class Samples:
+    """One policy's responses to the held-out prompts: token ids, texts, log-probs under it."""
+    responses: list
+    texts: list
+    logps: torch.Tensor
+
+@dataclass
+class HeldOut:
+    """The held-out prompts, each repeated eval_samples times, and pi_0's responses to them."""
+    prompts: list
+    prompt_ids: list
+    initial: Samples = None  # pi_0's, drawn once before the first iteration (or loaded)
+
+@dataclass
 class Run:
     """What the loop works with: pi_t, its tokenizer, the panel, the prompts or given pairs, the
     held-out set, and where the run starts (0, or after the iterations that --resume keeps)."""
@@ -1799,8 +1808,8 @@ def pair_weights(scheme, log_pi, rewards, k=4):
             - all_draws_in_ranks(cdf, lower, upper - 1, k)
             + all_draws_in_ranks(cdf, lower + 1, upper - 1, k))
 
-def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
-    """Minimize sum_pairs w * irepo_loss over a table of logits from pi_ref (L-BFGS, float64);
+def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3, loss_fn=irepo_loss):
+    """Minimize sum_pairs w * loss_fn over a table of logits from pi_ref (L-BFGS, float64);
     targets (X, pairs); weights_fn(log_pi), the pair weights w, is re-evaluated each round."""
     first, second = pair_indices(log_ref.shape[-1])
     logits = log_ref.clone().requires_grad_(True)
@@ -1816,7 +1825,7 @@ def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3):
         def closure():
             optimizer.zero_grad()
             logratio = torch.log_softmax(logits, -1) - log_ref  # (X, Y)
-            losses = weights * irepo_loss(logratio[:, first], logratio[:, second], targets, beta)
+            losses = weights * loss_fn(logratio[:, first], logratio[:, second], targets, beta)
             loss = losses.sum() / (weights.sum() if weights_fn else losses.numel())
             loss.backward()
             return loss
@@ -1827,6 +1836,16 @@ def exact_targets(rewards):
     """logit P(i > j) = reward_i - reward_j per pair i < j, (X, pairs), through preference_logit."""
     first, second = pair_indices(rewards.shape[-1])
     return preference_logit(torch.sigmoid(rewards[:, first] - rewards[:, second]))
+
+def theory_soft_dpo(betas=(0.1, 0.5, 1.0)):
+    """Claim 1, for DPO on soft labels: with exact preferences (uniform pairs) its minimizer is
+    iREPO's, pi*. Returns {beta: max |log pi - log pi*|}."""
+    log_ref, rewards = tabular_world(0)
+    errors = {}
+    for beta in betas:
+        log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, loss_fn=soft_dpo_loss)
+        errors[beta] = float((log_pi - optimal_policy(log_ref, rewards, beta)).abs().max())
+    return errors
 
 def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst")):
     """Claim 1: with exact preferences the minimizer is pi*. Returns {(beta, scheme): error}."""
@@ -1984,6 +2003,9 @@ def theory_report():
     errors = theory_optimality(schemes=schemes)
     for beta in sorted({beta for beta, _ in errors}):
         print(f"  {beta:>6} " + " ".join(f"{errors[beta, scheme]:>12.1e}" for scheme in schemes))
+    soft = theory_soft_dpo()
+    print("  DPO on soft labels (soft-dpo), uniform pairs: the same minimizer, max |log pi - log "
+          "pi*|\n  " + ", ".join(f"{error:.1e} at beta {beta}" for beta, error in soft.items()))
     print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
           f"\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds\n  {'N':>5} "
           f"{'beta*KL':>10} {'+-stderr':>10}")

@@ -388,9 +388,9 @@ def test_reference_is_pi_t(warm_tiny, tmp_path):
         assert (saved - under(models[t])).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo"])
+@pytest.mark.parametrize("loss", ["dpo", "ipo", "soft-dpo"])
 def test_baselines_run_and_report_the_same_metrics(warm_tiny, tmp_path, loss):
-    """--loss dpo and --loss ipo run the same loop and write the same outputs and keys."""
+    """--loss dpo, ipo and soft-dpo run the same loop and write the same outputs and keys."""
     out = tmp_path / loss
     rows = run_with_warmup(warm_tiny, str(out), "--loss", loss)
     assert [r["loss_type"] for r in rows] == [loss, loss]
@@ -1595,6 +1595,7 @@ def test_a_tie_is_still_a_pair_and_only_irepo_learns_from_it(label):
     assert labels[0]["p_hat"] == pytest.approx(0.5, abs=1e-6)
     rows = [dict(labels[0]), dict(labels[0], target_logit=1.0)]
     assert irepo.without_ties(rows, "irepo") == (rows, 0)
+    assert irepo.without_ties(rows, "soft-dpo") == (rows, 0)  # a soft label too
     for loss in ("dpo", "ipo"):
         kept, tied = irepo.without_ties(rows, loss)
         assert kept == rows[1:] and tied == 1
@@ -1653,3 +1654,13 @@ def test_theory_labels_show_the_winners_curse_and_the_pooling():
     real, _ = table["bradley-terry", 4, 8]
     assert null["votes"][0] > 0.5 and null["zermelo"][0] > 0.5 and abs(null["fresh"][0]) < 0.1
     assert real["zermelo"][1] < 0.8 * min(real["votes"][1], real["fresh"][1])
+
+
+def test_soft_dpo_hand_computed_and_its_minimizer():
+    """DPO's cross-entropy on the soft label: -p log sigma(h) - (1 - p) log sigma(-h), e.g. with
+    h = 0.5 * (2 - 0) = 1 and p_hat = sigma(0) = 1/2: log(1 + e^-1)/2 + log(1 + e)/2 = 0.8133.
+    With exact preferences its minimizer is iREPO's pi* (the tabular check of --theory)."""
+    got = irepo.soft_dpo_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5)
+    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+    assert max(irepo.theory_soft_dpo().values()) < 1e-5
