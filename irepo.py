@@ -548,8 +548,7 @@ def run(args):
         state.latest = state.held_out.initial
         save_initial(state)
     for t in range(state.start, args.iterations):
-        # 1-4. Sample K responses per prompt from pi_t; the panel votes on every pair; Zermelo
-        #      ranking; best vs worst; the panel's soft label (or take the given pairs).
+        # 1-4. Sample, annotate, rank, keep best vs worst, label (or take the given pairs).
         if state.given:
             rows, stats = given_pairs(state.tokenizer, state.given[t], args.max_prompt_tokens)
         else:
@@ -559,13 +558,15 @@ def run(args):
         target = check_targets(rows, t)
 
         # 5. log pi_t of both responses, once, without gradients.
-        tic = time.time()  # seconds_train covers steps 5 and 6
+        tic = time.time()
         reference_a, reference_b = reference_logprobs(state.model, rows, state.pad_id,
                                                       args.micro_batch_size)
+        seconds_reference = time.time() - tic
 
         # 6. Minimize the loss over the pairs: the model becomes pi_{t+1}.
         peak_memory_mb(state.device, reset=True)
         torch.manual_seed(phase_seed(args.seed, t, "train"))
+        tic = time.time()
         try:
             fitted, tokens = train(state.model, rows, reference_a, reference_b, state.pad_id,
                                    args)
@@ -581,8 +582,8 @@ def run(args):
         metrics = dict(
             iteration=t + 1, loss_type=args.loss, label=args.label, **fitted, **scores,
             target_logit_mean=float(target.mean()), pairs=len(rows), tied_pairs=tied, **stats,
-            seconds_train=seconds_train, seconds_eval=time.time() - tic,
-            train_tokens_per_s=tokens / seconds_train,
+            seconds_reference=seconds_reference, seconds_train=seconds_train,
+            seconds_eval=time.time() - tic, train_tokens_per_s=tokens / seconds_train,
             peak_memory_mb=peak_memory_mb(state.device))
         finish_iteration(state, t, rows, metrics)
     if state.start < args.iterations:

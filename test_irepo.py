@@ -325,7 +325,8 @@ def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
 
 METRIC_KEYS = {"iteration", "loss", "regression_mse", "sign_agreement", "win_rate_vs_initial",
                "true_reward", "kl_to_reference", "response_tokens_mean", "seconds_sample",
-               "seconds_annotate", "seconds_train", "train_tokens_per_s", "peak_memory_mb"}
+               "seconds_annotate", "seconds_reference", "seconds_train", "train_tokens_per_s",
+               "peak_memory_mb", "label", "tied_pairs"}
 
 
 def test_end_to_end_two_iterations(warm_tiny, tmp_path):
@@ -469,7 +470,7 @@ def test_theory_report_prints_every_claim(capsys):
 # Runs that stop, refusals and errors (every bad input: exit 2, one line, no traceback).
 # ---------------------------------------------------------------------------------------------
 
-TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_train", "seconds_eval", "sample_tokens_per_s",
+TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_reference", "seconds_train", "seconds_eval", "sample_tokens_per_s",
                "train_tokens_per_s", "peak_memory_mb"}
 
 
