@@ -399,12 +399,12 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
     tic = time.time()
     panel.gen.manual_seed(phase_seed(args.seed, t, "annotate"))
     rows, skipped = [], 0
-    for q, label in enumerate(annotate(panel, chunk, texts, K, args.smoothing, args.label)):
-        a, b = q * K + label["best"], q * K + label["worst"]
+    for q, chosen in enumerate(annotate(panel, chunk, texts, K, args.smoothing, args.label)):
+        a, b = q * K + chosen["best"], q * K + chosen["worst"]
         if degenerate(texts[a], texts[b]):
             skipped += 1  # nothing to learn: equal or empty responses
             continue
-        rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **label,
+        rows.append(dict(prompt=chunk[q], response_a=texts[a], response_b=texts[b], **chosen,
                          prompt_ids=prompt_ids[q], a_ids=responses[a], b_ids=responses[b]))
     if args.label == "fresh" and rows:  # from a stream of their own
         panel.gen.manual_seed(phase_seed(args.seed, t, "label"))
