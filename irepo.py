@@ -41,7 +41,8 @@ Deliberate deviations from the paper (the README explains each):
      sampling temperature; dropout is zeroed so that pi_theta = pi_t at the first step.
   6. IPO is run as the same squared loss with the constant target 1/2 on the beta*h scale, i.e.
      IPO's loss times beta^2, so that one learning rate serves all three losses.
-  7. Where the paper is silent (K, lengths, temperature, LoRA rank) the presets choose (README).
+  7. Where the paper is silent (K, lengths, temperature) the presets choose; LoRA follows the
+     authors' public sibling runs, r = alpha = 128 (README).
 """
 
 import contextlib
@@ -91,7 +92,7 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     epochs=(int, ">= 1", 4, "passes over each iteration's pairs"),
     max_grad_norm=(float, "> 0", 1.0, "gradient clipping"),
     lora_rank=(int, ">= 0 (0: full fine-tuning)", 0, "LoRA rank; 0 trains every weight"),
-    lora_alpha=(float, ">= 0", 0, "LoRA alpha; the update is scaled by alpha / rank"),
+    lora_alpha=(float, "> 0", None, "LoRA alpha (unset: the rank); updates scale by alpha/rank"),
     lora_targets=(str, None, "c_attn,c_proj,c_fc", "names of the linear layers to adapt"),
     gradient_checkpointing=(bool, None, False, "recompute activations to save memory"),
     # sampling and evaluation
@@ -107,14 +108,14 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     sft_lr=(float, "> 0", 2e-4, "learning rate of --sft"),
 )
 LLM = dict(  # what the paper's Phi-2 and Mistral-7B settings share; the README explains each
-    beta=0.01, lr=5e-6, epochs=1, lora_rank=16, lora_alpha=32, gradient_checkpointing=True,
+    beta=0.01, lr=5e-6, epochs=1, lora_rank=128, gradient_checkpointing=True,
     max_new_tokens=256, max_prompt_tokens=512, temperature=0.7, prompts_per_iteration=None,
     eval_samples=1, sample_batch_size="auto",
     annotators="rm:OpenAssistant/reward-model-deberta-v3-large-v2")
 PRESETS = {
     "tiny": {},  # the built-in default: a word-level GPT-2 trained for seconds on a toy corpus
     "phi-2": dict(LLM, batch_size=16, micro_batch_size=4, chat_format="chatml",
-                  lora_targets="q_proj,k_proj,v_proj,dense,fc1,fc2"),
+                  lora_targets="q_proj,k_proj,v_proj,dense"),
     "mistral-7b": dict(LLM, batch_size=8, micro_batch_size=2, chat_format="mistral",
                        lora_targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
 }
@@ -682,6 +683,8 @@ def parse_args(argv=None):
     if args.model != "tiny":
         check_model(f"--model {args.model}", args.model)
     args.annotator_specs = parse_annotators(args.annotators, args.num_annotators)
+    if args.lora_alpha is None:  # alpha = rank: the adapters' update at scale 1, in every preset
+        args.lora_alpha = float(args.lora_rank)
     args.micro_batch_size = min(args.micro_batch_size, args.batch_size)
     args.warmup = os.path.join(args.out, "warmup")  # where the tiny model's warm-up is cached
     return args
@@ -978,12 +981,24 @@ def load_policy(args, device, folder):
     model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
-    if args.lora_rank and not lora_layers(model, args.lora_targets):
+    if args.lora_rank:
+        check_lora_layers(model, args)
+    return model, tokenizer
+
+def check_lora_layers(model, args):
+    """Before any work: stop if no layer would get an adapter; else say how many will, and how
+    many parameters train (rank * (in + out) each)."""
+    layers = lora_layers(model, args.lora_targets, preset_targets(args))
+    if not layers:
         linear = sorted({name.split(".")[-1] for name, module in model.named_modules()
                          if is_linear(module)})
         fail(f"--lora-targets {args.lora_targets}: no linear layer of {args.model} has that "
              f"name; its linear layers are {','.join(linear)}")
-    return model, tokenizer
+    names = sorted({name.split(".")[-1] for name in layers})
+    sizes = [model.get_submodule(name).weight.shape for name in layers]
+    trainable_count = sum(args.lora_rank * (rows + columns) for rows, columns in sizes)
+    print(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha:g}, adapters on {len(layers)} "
+          f"linear layers ({','.join(names)}): {trainable_count:,} trainable parameters")
 
 # --- Where a sampled response ends (sample() in Part I cuts each row with these).
 def end_of_response(row, stops):
@@ -1020,6 +1035,7 @@ class Training:
     lora_rank: int = 0  # 0: every weight trains
     lora_alpha: float = 0.0
     lora_targets: str = ""
+    lora_fallback: bool = False  # the targets are a preset's: adapt all if the model lacks any
     gradient_checkpointing: bool = False
 
 def training(args, lr, epochs):
@@ -1028,6 +1044,7 @@ def training(args, lr, epochs):
                     micro_batch_size=args.micro_batch_size, warmup_ratio=args.warmup_ratio,
                     max_grad_norm=args.max_grad_norm, lora_rank=args.lora_rank,
                     lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                    lora_fallback=preset_targets(args),
                     gradient_checkpointing=args.gradient_checkpointing)
 
 @contextlib.contextmanager
@@ -1035,7 +1052,8 @@ def trainable(model, settings):
     """The parameters to train: fresh LoRA adapters (lora_rank r > 0), merged into the weights
     on exit so that the model stays a plain one, or every weight."""
     if settings.lora_rank:
-        params = add_lora(model, settings.lora_rank, settings.lora_alpha, settings.lora_targets)
+        params = add_lora(model, settings.lora_rank, settings.lora_alpha,
+                          lora_layers(model, settings.lora_targets, settings.lora_fallback))
     else:
         params = list(model.parameters())
         model.requires_grad_(True)
@@ -1078,22 +1096,31 @@ class LoRALinear(torch.nn.Module):
         update = self.scale * (hidden.float() @ self.A.T @ self.B.T)
         return self.base(hidden) + update.to(hidden.dtype)
 
-def lora_layers(model, targets):
-    """The names of the linear layers whose own name (the part after the last dot) is one of
-    the comma-separated targets."""
+def preset_targets(args):
+    """Whether --lora-targets is the preset's own value (not given, or given the same)."""
+    tiny = SETTINGS["lora_targets"][2]
+    return args.lora_targets == PRESETS[args.preset].get("lora_targets", tiny)
+
+def lora_layers(model, targets, fallback=False):
+    """The names of the linear layers to adapt: those whose own name (after the last dot) is
+    one of the comma-separated targets. With fallback, when the model lacks any of those names
+    (a preset made for another architecture), every linear layer but the output head."""
     wanted = {target.strip() for target in targets.split(",") if target.strip()}
-    return [name for name, module in model.named_modules()
-            if name.split(".")[-1] in wanted and is_linear(module)]
+    linear = [name for name, module in model.named_modules() if is_linear(module)]
+    if fallback and not wanted <= {name.split(".")[-1] for name in linear}:
+        head = model.get_output_embeddings()
+        return [name for name in linear if model.get_submodule(name) is not head]
+    return [name for name in linear if name.split(".")[-1] in wanted]
 
 def swap(model, name, module):
     """Put `module` where the model's submodule `name` (e.g. 'transformer.h.0.attn.c_attn') is."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
-def add_lora(model, rank, alpha, targets):
-    """Freeze the model, wrap the target layers in LoRALinear; returns the adapter parameters."""
+def add_lora(model, rank, alpha, layer_names):
+    """Freeze the model, wrap the named layers in LoRALinear; returns the adapter parameters."""
     model.requires_grad_(False)
-    for name in lora_layers(model, targets):
+    for name in layer_names:
         swap(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
     adapters = [module for module in model.modules() if isinstance(module, LoRALinear)]
     return [parameter for adapter in adapters for parameter in (adapter.A, adapter.B)]

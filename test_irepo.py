@@ -773,7 +773,8 @@ def test_paper_presets_run_on_local_folders(llm_dirs, tmp_path, arch, preset):
     proc = cli("--model", llm_dirs[arch], "--preset", preset, "--annotators", "sim", "--out", str(out), *LLM_SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = proc.stdout.splitlines()[0]
-    for setting in (f"preset={preset}", "lr=5e-06", "beta=0.01", "lora_rank=16", "gradient_checkpointing=True",
+    for setting in (f"preset={preset}", "lr=5e-06", "beta=0.01", "lora_rank=128", "lora_alpha=128.0",
+                    "gradient_checkpointing=True",
                     "epochs=1", "warmup_ratio=0.1"):
         assert setting in config, setting
     before = AutoModelForCausalLM.from_pretrained(llm_dirs[arch]).state_dict()
@@ -790,7 +791,8 @@ def test_presets_follow_the_model_name_and_yield_to_flags():
     flag override; 'tiny' stays the default."""
     assert irepo.parse_args([]).preset == "tiny"
     phi = irepo.parse_args(["--model", "microsoft/phi-2"])
-    assert (phi.preset, phi.lr, phi.beta, phi.lora_rank, phi.chat_format) == ("phi-2", 5e-6, 0.01, 16, "chatml")
+    assert (phi.preset, phi.lr, phi.beta, phi.lora_rank, phi.chat_format) == ("phi-2", 5e-6, 0.01, 128, "chatml")
+    assert phi.lora_alpha == 128 and phi.lora_targets == "q_proj,k_proj,v_proj,dense"  # the authors' runs
     for name in ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-Instruct-v0.2"):
         args = irepo.parse_args(["--model", name])
         assert args.preset == "mistral-7b" and "gate_proj" in args.lora_targets and args.gradient_checkpointing
@@ -807,7 +809,7 @@ def test_merged_lora_matches_the_unmerged_adapter():
     for nn.Linear (Llama) and GPT-2's Conv1D alike, and leaves a plain model behind."""
     for kind, targets in (("llama", "q_proj,v_proj,down_proj"), ("gpt2", "c_attn,c_fc")):
         model = tiny_causal_lm(kind, vocab_size=40)
-        params = irepo.add_lora(model, rank=4, alpha=8, targets=targets)
+        params = irepo.add_lora(model, 4, 8, irepo.lora_layers(model, targets))
         assert params and all(p.requires_grad for p in params)
         torch.manual_seed(1)
         for p in params:
@@ -831,7 +833,7 @@ def test_fresh_adapters_start_at_pi_t():
     ids, attn, resp = irepo.collate([[5, 6]], [[9, 10, 1]], pad_id=0, device="cpu")
     with torch.no_grad():
         before = irepo.sequence_logprobs(model, ids, attn, resp)
-        irepo.add_lora(model, rank=4, alpha=8, targets="q_proj,v_proj")
+        irepo.add_lora(model, 4, 8, irepo.lora_layers(model, "q_proj,v_proj"))
         assert torch.equal(irepo.sequence_logprobs(model, ids, attn, resp), before)
 
 
@@ -1665,3 +1667,54 @@ def test_soft_dpo_hand_computed_and_its_minimizer():
     expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
     assert float(got) == pytest.approx(expected, abs=1e-6)
     assert max(irepo.theory_soft_dpo().values()) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA always trains: alpha defaults to the rank; a preset's targets fit any architecture.
+# ---------------------------------------------------------------------------------------------
+
+def test_lora_rank_alone_trains_in_the_tiny_preset(warm_tiny, tmp_path, capsys):
+    """Silent bug caught: --lora-rank N without --lora-alpha scaled the adapters by 0 / N in the
+    tiny preset, so nothing trained. Now alpha defaults to the rank, the start says how many
+    layers got adapters, and the weights of iteration 1 differ from the warm-up's."""
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "run"
+    run_with_warmup(warm_tiny, str(out), "--iterations", "1", "--lora-rank", "4", "--lr", "1e-3")
+    printed = capsys.readouterr().out
+    assert "lora_alpha=4.0" in printed
+    assert "LoRA: rank 4, alpha 4, adapters on 8 linear layers (c_attn,c_fc,c_proj)" in printed
+    before = AutoModelForCausalLM.from_pretrained(out / "warmup").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "iteration_1").state_dict()
+    moved = [name for name in before if not torch.equal(before[name], after[name])]
+    assert any("mlp.c_fc" in name for name in moved) and any("attn.c_attn" in name for name in moved)
+
+
+def test_a_preset_made_for_another_model_adapts_every_linear_layer():
+    """Silent bug caught: on Llama (or Qwen2, Gemma), Phi-2's target names matched only q, k and
+    v, leaving the attention output and the MLP unadapted. When the model lacks any of the
+    preset's names, every linear layer but the output head gets an adapter, and a step moves the
+    MLP's weights; names given with --lora-targets are taken as they are."""
+    model = tiny_causal_lm("llama", 20)
+    args = irepo.parse_args(["--model", "some/llama"])  # an unknown name: Phi-2's preset
+    assert args.preset == "phi-2" and irepo.preset_targets(args)
+    layers = irepo.lora_layers(model, args.lora_targets, irepo.preset_targets(args))
+    names = {name.split(".")[-1] for name in layers}
+    assert names == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "lm_head" not in layers and len(layers) == 2 * 7
+    given = irepo.parse_args(["--model", "some/llama", "--lora-targets", "q_proj,dense"])
+    assert not irepo.preset_targets(given)
+    assert {name.split(".")[-1] for name in irepo.lora_layers(model, given.lora_targets)} == {"q_proj"}
+    before = {name: weight.clone() for name, weight in model.state_dict().items()}
+    settings = irepo.training(args, 1e-2, 1)
+    ids = torch.randint(3, 20, (4, 6), generator=torch.Generator().manual_seed(0))
+
+    def micro_loss(indices, epoch):
+        batch = irepo.collate([[1, 2]] * len(indices), ids[indices].tolist(), 0, "cpu")
+        return -irepo.sequence_logprobs(model, *batch).sum()
+    with irepo.trainable(model, settings) as params:
+        irepo.fit(params, 4, micro_loss, settings, "test")
+    after = model.state_dict()
+    assert set(after) == set(before)  # merged: a plain model again
+    for part in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.o_proj"):
+        assert not torch.equal(after[f"model.layers.0.{part}.weight"],
+                               before[f"model.layers.0.{part}.weight"]), part
