@@ -505,29 +505,35 @@ def train(model, rows, reference_a, reference_b, pad_id, args):
 
 # --- Step 7: evaluate pi_{t+1} against pi_0 on held-out prompts.
 def held_out_samples(model, tokenizer, held_out, args, batch_size, desc):
-    """One response per (repeated) held-out prompt from the model, and its log-probs."""
+    """One response per (repeated) held-out prompt at the sampling temperature, for the win-rate
+    and the reward; for the KL, whose estimate needs samples of the policy itself, responses at
+    temperature 1 (the same ones when that is the sampling temperature) and their log-probs."""
     responses = sample(model, tokenizer, held_out.prompt_ids, 1, args.temperature,
                        args.max_new_tokens, batch_size, desc)
-    logps = batched_logprobs(model, held_out.prompt_ids, responses, tokenizer.pad_token_id,
-                             batch_size)
-    return Samples(responses, decode(tokenizer, responses), logps)
+    kl_responses = responses
+    if args.temperature != 1.0:
+        kl_responses = sample(model, tokenizer, held_out.prompt_ids, 1, 1.0, args.max_new_tokens,
+                              batch_size, desc + " at T = 1")
+    kl_logps = batched_logprobs(model, held_out.prompt_ids, kl_responses, tokenizer.pad_token_id,
+                                batch_size)
+    return Samples(responses, decode(tokenizer, responses), kl_responses, kl_logps)
 
 def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     """pi_{t+1}'s held-out samples; its win-rate against pi_0's and true reward; the KL from
     pi_t (whose samples are `previous`) and from pi_0. Returns (metrics, pi_{t+1}'s Samples)."""
-    torch.manual_seed(phase_seed(args.seed, t, "eval"))  # at t = 0, the seed of pi_0's draw
+    torch.manual_seed(phase_seed(args.seed, t, "eval"))
     panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
     current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
-    # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}) as sample means of log p - log q over the
-    # held-out samples drawn from pi_t and pi_0: unbiased (it may come out < 0 by chance) when
-    # they are drawn at temperature 1, as in the tiny world; at another temperature they are not
-    # samples of pi_t itself, and the estimate is biased.
-    kl_to_reference = (previous.logps - batched_logprobs(
-        model, held_out.prompt_ids, previous.responses, tokenizer.pad_token_id, batch_size)).mean()
-    kl_to_initial = (held_out.initial.logps - batched_logprobs(
-        model, held_out.prompt_ids, held_out.initial.responses, tokenizer.pad_token_id,
+    # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}): sample means of log p - log q over the
+    # held-out samples that pi_t and pi_0 drew at temperature 1, whatever the sampling
+    # temperature, so unbiased (a mean may come out < 0 by chance).
+    kl_to_reference = (previous.kl_logps - batched_logprobs(
+        model, held_out.prompt_ids, previous.kl_responses, tokenizer.pad_token_id,
+        batch_size)).mean()
+    kl_to_initial = (held_out.initial.kl_logps - batched_logprobs(
+        model, held_out.prompt_ids, held_out.initial.kl_responses, tokenizer.pad_token_id,
         batch_size)).mean()
     return dict(win_rate_vs_initial=float(win_rate),
                 true_reward=None if true_reward is None else float(true_reward.mean()),
@@ -543,7 +549,7 @@ def run(args):
     state = start_run(args)  # input checked, pi_t loaded (t = 0, or where --resume continues)
     if state.start == 0:
         # pi_0's responses to the held-out prompts: every iteration is compared with these.
-        torch.manual_seed(phase_seed(args.seed, 0, "eval"))
+        torch.manual_seed(phase_seed(args.seed, 0, "initial"))  # a stream of their own
         state.held_out.initial = held_out_samples(state.model, state.tokenizer, state.held_out,
                                                   args, state.sample_batch, "sample pi_0")
         state.latest = state.held_out.initial
@@ -1451,7 +1457,7 @@ def check_targets(rows, t):
 NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare",
                     "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
-PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4, "label": 5}
+PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4, "label": 5, "initial": 6}
 
 def phase_seed(seed, iteration, phase):
     """A seed per phase, iteration and process: a resumed run draws what an uninterrupted one
@@ -1533,13 +1539,17 @@ def read_json(path):
         return json.load(file)
 
 def samples_json(samples):
-    """initial_eval.json and eval.json: a policy's held-out responses and their log-probs."""
-    return json.dumps({"responses": samples.responses, "logps": samples.logps.tolist()})
+    """initial_eval.json and eval.json: a policy's held-out responses and the log-probs of its
+    temperature-1 responses; those are saved apart ('kl_responses') only when they differ."""
+    saved = {"responses": samples.responses, "logps": samples.kl_logps.tolist()}
+    if samples.kl_responses is not samples.responses:
+        saved["kl_responses"] = samples.kl_responses
+    return json.dumps(saved)
 
 def load_samples(path, tokenizer):
     saved = read_json(path)
     return Samples(saved["responses"], decode(tokenizer, saved["responses"]),
-                   torch.tensor(saved["logps"]))
+                   saved.get("kl_responses", saved["responses"]), torch.tensor(saved["logps"]))
 
 def publish(folder, model, tokenizer, files):
     """Save a model, its tokenizer and `files` ({name: text}) under folder.tmp, then rename it:
@@ -1575,10 +1585,12 @@ def read_metrics(out):
 
 @dataclass
 class Samples:
-    """One policy's responses to the held-out prompts: token ids, texts, log-probs under it."""
+    """One policy's responses to the held-out prompts: at the sampling temperature (token ids,
+    texts), and at temperature 1 for the KL (token ids, log-probs under the policy)."""
     responses: list
     texts: list
-    logps: torch.Tensor
+    kl_responses: list
+    kl_logps: torch.Tensor
 
 @dataclass
 class HeldOut:
