@@ -34,13 +34,13 @@ Deliberate deviations from the paper (the README explains each):
   3. The label is our reading of the paper's Zermelo construction (Sec. 4.1, as its reviewers
      quote it). It reuses the votes that chose the pair, so it is biased towards decisive pairs
      (the winner's curse, --theory claim 5); --label votes takes the pair's own vote share, and
-     --label fresh asks the panel again about the chosen pair. All K tied: p_hat = 1/2, kept.
+     --label fresh asks the panel again about the chosen pair. All K tied: still a pair.
   4. The default panel is simulated (Bradley-Terry voters who like positive words), so that the
-     true reward is known; the LLM presets use a public reward model (the paper's are unnamed).
+     true reward is known; the LLM presets use a public DeBERTa reward model (the paper's unknown).
   5. Log-probabilities are summed over response tokens and scored at temperature 1, whatever the
      sampling temperature; dropout is zeroed so that pi_theta = pi_t at the first step.
-  6. IPO is run as the same squared loss with the constant target 1/2 on the beta*h scale, i.e.
-     IPO's loss times beta^2, so that one learning rate serves all three losses.
+  6. IPO is run as the same squared loss with the constant target 1/2 on the h scale (h includes
+     beta), i.e. IPO's loss times beta^2, so that one learning rate serves all the losses.
   7. Where the paper is silent (K, lengths, temperature) the presets choose; LoRA follows the
      authors' public sibling runs, r = alpha = 128 (README).
 """
@@ -172,8 +172,8 @@ def irepo_loss(logratio_a, logratio_b, target_logit, beta):
     return (beta * (logratio_a - logratio_b) - target_logit) ** 2
 
 def dpo_loss(logratio_a, logratio_b, target_logit, beta):
-    """DPO on the panel's majority vote: the winner is a (the best) if logit p_hat >= 0, else b.
-    Returns: (P,) losses  -log sigma(beta * [logratio_w - logratio_l])."""
+    """DPO on the label's sign: the winner is a (the best) if logit p_hat >= 0, else b (always a
+    with the Zermelo label). Returns: (P,) losses  -log sigma(beta * [logratio_w - logratio_l])."""
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
 
@@ -526,9 +526,9 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
-    # KL(pi_t || pi_{t+1}) and KL(pi_0 || pi_{t+1}): sample means of log p - log q over the
-    # held-out samples that pi_t and pi_0 drew at temperature 1, whatever the sampling
-    # temperature, so unbiased (a mean may come out < 0 by chance).
+    # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): means of log p - log q over the held-out samples
+    # that pi_t and pi_0 drew at temperature 1, so unbiased (a mean may be < 0 by chance). This
+    # direction, the reverse of the objective's KL(pi || pi_ref), is the one whose samples we have.
     kl_to_reference = (previous.kl_logps - batched_logprobs(
         model, held_out.prompt_ids, previous.kl_responses, tokenizer.pad_token_id,
         batch_size)).mean()
@@ -584,10 +584,11 @@ def run(args):
 
         # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
         tic = time.time()
-        scores, state.latest = evaluate(state.model, state.tokenizer, state.panel,
-                                        state.held_out, state.latest, t, args, state.sample_batch)
+        evaluation, state.latest = evaluate(state.model, state.tokenizer, state.panel,
+                                            state.held_out, state.latest, t, args,
+                                            state.sample_batch)
         metrics = dict(
-            iteration=t + 1, loss_type=args.loss, label=args.label, **fitted, **scores,
+            iteration=t + 1, loss_type=args.loss, label=args.label, **fitted, **evaluation,
             target_logit_mean=float(target.mean()), pairs=len(rows), tied_pairs=tied, **stats,
             seconds_reference=seconds_reference, seconds_train=seconds_train,
             seconds_eval=time.time() - tic, train_tokens_per_s=tokens / seconds_train,
