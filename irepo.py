@@ -542,7 +542,7 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
 
 # --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
 # and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
-# --pairs; training/trainable choose what trains (LoRA adapters, merged after, or every weight);
+# --pairs; training/trainable choose what trains (LoRA adapters, kept after, or every weight);
 # shard/gather/total split the work among processes; phase_seed seeds each phase.
 def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
@@ -1026,7 +1026,6 @@ def cut_at_marker(tokenizer, row, marker):
         else:
             low = middle + 1
     return low
-    return low
 
 # --- What trains: the settings that fit() reads, and the parameters, LoRA adapters or every
 # weight (step 6 and the SFT).
@@ -1056,8 +1055,8 @@ def training(args, lr, epochs):
 
 @contextlib.contextmanager
 def trainable(model, settings):
-    """The parameters to train: fresh LoRA adapters (lora_rank r > 0), merged into the weights
-    on exit so that the model stays a plain one, or every weight."""
+    """The parameters to train: fresh LoRA adapters (lora_rank r > 0), frozen on exit so that
+    they stay part of the model as trained, or every weight."""
     if settings.lora_rank:
         params = add_lora(model, settings.lora_rank, settings.lora_alpha,
                           lora_layers(model, settings.lora_targets, settings.lora_fallback))
@@ -1073,34 +1072,51 @@ def trainable(model, settings):
         model.eval()
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-        merge_lora(model)
+        freeze_lora(model)
         model.requires_grad_(False)
 
-# --- LoRA, in the file: adapters on the chosen linear layers, merged back after every iteration so
-# that each saved iteration is a plain model and pi_t is exactly the next reference. A and B are
-# the LoRA paper's names for the two low-rank factors.
+# --- LoRA, in the file: fresh adapters on the chosen linear layers each iteration (and SFT),
+# frozen after it, never merged: pi_t is the base weights plus every adapter so far, each in fp32,
+# added in the order they trained, so the next reference and every evaluation is exactly the
+# policy that was trained. (Merged into bf16 weights, a small update is mostly rounded away: README.)
+# A saved folder holds a plain model, adapters merged and rounded once, and adapters.pt, exact.
+# A and B are the LoRA paper's names for the two low-rank factors.
 def is_linear(module):
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
 
 class LoRALinear(torch.nn.Module):
-    """base(hidden) + (alpha / rank) B A hidden. B starts at zero, so the model starts exactly at
-    pi_t; A and B are fp32 whatever the base's dtype, so that small updates are not lost to bf16."""
+    """base(hidden) + the sum of (alpha / rank) B A hidden over its adapters, in fp32 whatever the
+    base's dtype: the frozen ones, in the order they trained, then the one training now."""
 
-    def __init__(self, base, rank, alpha):
+    def __init__(self, base):
         super().__init__()
         self.base = base
-        self.scale = alpha / rank
         self.transposed = not isinstance(base, torch.nn.Linear)  # Conv1D stores W as (in, out)
+        self.frozen = []  # (A, B, scale) of every earlier adapter
+        self.A = self.B = self.scale = None  # the adapter that trains, if any
+
+    def add_adapter(self, rank, alpha):
+        """A fresh adapter, B = 0: the layer computes exactly what it did before."""
         if self.transposed:
-            d_in, d_out = base.weight.shape
+            d_in, d_out = self.base.weight.shape
         else:
-            d_out, d_in = base.weight.shape
-        self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=base.weight.device))
-        self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=base.weight.device))
+            d_out, d_in = self.base.weight.shape
+        self.scale = alpha / rank
+        self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=self.base.weight.device))
+        self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=self.base.weight.device))
         torch.nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        return [self.A, self.B]
+
+    def freeze(self):
+        """The trained adapter joins the frozen ones; the layer's function does not change."""
+        self.frozen.append((self.A.detach(), self.B.detach(), self.scale))
+        self.A = self.B = self.scale = None
 
     def forward(self, hidden):
-        update = self.scale * (hidden.float() @ self.A.T @ self.B.T)
+        training = [(self.A, self.B, self.scale)] if self.A is not None else []
+        update = 0.0
+        for A, B, scale in self.frozen + training:
+            update = update + scale * (hidden.float() @ A.T @ B.T)
         return self.base(hidden) + update.to(hidden.dtype)
 
 def preset_targets(args):
@@ -1111,13 +1127,22 @@ def preset_targets(args):
 def lora_layers(model, targets, fallback=False):
     """The names of the linear layers to adapt: those whose own name (after the last dot) is
     one of the comma-separated targets. With fallback, when the model lacks any of those names
-    (a preset made for another architecture), every linear layer but the output head."""
+    (a preset made for another architecture), every linear layer but the output head. A layer
+    adapted before counts under its own name."""
     wanted = {target.strip() for target in targets.split(",") if target.strip()}
-    linear = [name for name, module in model.named_modules() if is_linear(module)]
+    adapted = dict(lora_wrappers(model))
+    inside = {name + ".base" for name in adapted}  # the layers that adapted ones wrap
+    linear = [name for name, module in model.named_modules()
+              if name in adapted or (is_linear(module) and name not in inside)]
     if fallback and not wanted <= {name.split(".")[-1] for name in linear}:
         head = model.get_output_embeddings()
         return [name for name in linear if model.get_submodule(name) is not head]
     return [name for name in linear if name.split(".")[-1] in wanted]
+
+def lora_wrappers(model):
+    """(name, LoRALinear) of every adapted layer."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, LoRALinear)]
 
 def swap(model, name, module):
     """Put `module` where the model's submodule `name` (e.g. 'transformer.h.0.attn.c_attn') is."""
@@ -1125,23 +1150,46 @@ def swap(model, name, module):
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 def add_lora(model, rank, alpha, layer_names):
-    """Freeze the model, wrap the named layers in LoRALinear; returns the adapter parameters."""
+    """Freeze the model and give each named layer a fresh adapter (wrapping it in LoRALinear the
+    first time); returns the adapters' parameters."""
     model.requires_grad_(False)
+    params = []
     for name in layer_names:
-        swap(model, name, LoRALinear(model.get_submodule(name), rank, alpha))
-    adapters = [module for module in model.modules() if isinstance(module, LoRALinear)]
-    return [parameter for adapter in adapters for parameter in (adapter.A, adapter.B)]
+        if not isinstance(model.get_submodule(name), LoRALinear):
+            swap(model, name, LoRALinear(model.get_submodule(name)))
+        params += model.get_submodule(name).add_adapter(rank, alpha)
+    return params
+
+def freeze_lora(model):
+    for _, module in lora_wrappers(model):
+        if module.A is not None:
+            module.freeze()
+
+def install_adapters(model, adapters):
+    """Give each named layer its saved adapters (adapters.pt: {layer name: [(A, B, scale), ...]}
+    in training order), frozen: the policy as it trained."""
+    for name, frozen in adapters.items():
+        wrapper = LoRALinear(model.get_submodule(name))
+        wrapper.frozen = [(A.to(model.device), B.to(model.device), scale) for A, B, scale in frozen]
+        swap(model, name, wrapper)
 
 @torch.no_grad()
-def merge_lora(model):
-    """Fold each adapter into its weight, W += (alpha / r) B A (in fp32), and unwrap it."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            delta = module.scale * (module.B @ module.A)  # (out, in)
-            if module.transposed:
-                delta = delta.T
-            module.base.weight += delta.to(module.base.weight.dtype)
-            swap(model, name, module.base)
+def plain_state_dict(model):
+    """The weights as a plain model's, for save_pretrained: each adapted layer's weight is the
+    base plus its adapters, added in fp32 and rounded once to the weights' dtype (on the CPU)."""
+    adapted = dict(lora_wrappers(model))
+    state = {}
+    for key, value in model.state_dict().items():
+        name, _, leaf = key.rpartition(".")
+        layer = name[:-len(".base")]
+        if name.endswith(".base") and layer in adapted:
+            name = layer
+            if leaf == "weight":
+                delta = sum(scale * (B @ A) for A, B, scale in adapted[layer].frozen)
+                delta = delta.T if adapted[layer].transposed else delta
+                value = (value.float() + delta).to(value.dtype).cpu()
+        state[f"{name}.{leaf}"] = value
+    return state
 
 # --- The annotators. Every annotator answers, for each pair (a, b), n_annotators values in [0, 1]:
 # a vote or a probability that a is better than b; the Panel of Part I stacks their answers. The
@@ -1556,7 +1604,10 @@ def publish(folder, model, tokenizer, files):
     """Save a model, its tokenizer and `files` ({name: text}) under folder.tmp, then rename it:
     a folder that exists is complete."""
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
-    model.save_pretrained(folder + ".tmp")
+    model.save_pretrained(folder + ".tmp", state_dict=plain_state_dict(model))
+    if lora_wrappers(model):  # the plain model's weights are rounded; the adapters are exact
+        adapters = {name: module.frozen for name, module in lora_wrappers(model)}
+        torch.save(adapters, os.path.join(folder + ".tmp", "adapters.pt"))
     tokenizer.save_pretrained(folder + ".tmp")
     for name, text in files.items():
         write_atomic(os.path.join(folder + ".tmp", name), text)
@@ -1660,7 +1711,7 @@ def start_run(args):
         return state
     if start:
         folder = os.path.join(args.out, f"iteration_{start}")
-        model, tokenizer = load_policy(args, device, folder)
+        model, tokenizer = load_exact(args, device, folder)
     elif conversations:
         model, tokenizer = build_sft(args, device, conversations)
     else:
@@ -1686,6 +1737,16 @@ def save_initial(state):
     on_main(write_atomic, os.path.join(state.out, "initial_eval.json"),
             samples_json(state.held_out.initial))
     print_initial_reward(state.panel, state.held_out)
+
+def load_exact(args, device, folder):
+    """A saved policy as it trained: with LoRA, the base model plus the folder's adapters.pt (its
+    plain model has them rounded into the weights); else the folder's model itself."""
+    path = os.path.join(folder, "adapters.pt")
+    if not os.path.isfile(path):
+        return load_policy(args, device, folder)
+    model, tokenizer = load_policy(args, device, base_model(args))
+    install_adapters(model, torch.load(path, map_location="cpu", weights_only=True))
+    return model, tokenizer
 
 def base_model(args):
     """The folder pi_0 starts from: the tiny warm-up, or --model."""
@@ -1717,7 +1778,7 @@ def build_sft(args, device, conversations):
     folder = os.path.join(args.out, "sft")
     recipe = {name: getattr(args, name) for name in SFT_SETTINGS}
     if on_main(sft_is_saved, os.path.join(folder, "sft.json"), recipe):
-        return load_policy(args, device, folder)
+        return load_exact(args, device, folder)
     model, tokenizer = load_policy(args, device, base_model(args))
     torch.manual_seed(args.seed)
     examples = sft_examples(tokenizer, conversations, args)

@@ -804,26 +804,68 @@ def test_presets_follow_the_model_name_and_yield_to_flags():
     assert (args.smoothing, args.warmup_ratio, args.lora_alpha) == (0.25, 0.0, 8.0)
 
 
-def test_merged_lora_matches_the_unmerged_adapter():
-    """Folding the adapters into the weights leaves every log-prob unchanged (to fp32 rounding),
-    for nn.Linear (Llama) and GPT-2's Conv1D alike, and leaves a plain model behind."""
+def test_saved_lora_model_matches_the_adapted_one():
+    """The plain model that an iteration saves (the adapters added into the weights) computes
+    every log-prob of the adapted model (to fp32 rounding), for nn.Linear (Llama) and GPT-2's
+    Conv1D alike, and has a plain model's keys."""
     for kind, targets in (("llama", "q_proj,v_proj,down_proj"), ("gpt2", "c_attn,c_fc")):
         model = tiny_causal_lm(kind, vocab_size=40)
+        keys = set(model.state_dict())
         params = irepo.add_lora(model, 4, 8, irepo.lora_layers(model, targets))
         assert params and all(p.requires_grad for p in params)
         torch.manual_seed(1)
         for p in params:
             p.data.normal_(0, 0.2)  # a trained adapter: B is no longer zero
+        irepo.freeze_lora(model)
         ids, attn, resp = irepo.collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 12]], pad_id=0, device="cpu")
+        plain = tiny_causal_lm(kind, vocab_size=40)
+        state = irepo.plain_state_dict(model)
+        assert set(state) == keys
         with torch.no_grad():
-            unmerged = irepo.sequence_logprobs(model, ids, attn, resp)
-            irepo.merge_lora(model)
-            merged = irepo.sequence_logprobs(model, ids, attn, resp)
-        assert not any(isinstance(m, irepo.LoRALinear) for m in model.modules())
-        assert torch.allclose(unmerged, merged, atol=1e-4), (kind, unmerged, merged)
-        fresh = tiny_causal_lm(kind, vocab_size=40)
+            adapted = irepo.sequence_logprobs(model, ids, attn, resp)
+            assert (irepo.sequence_logprobs(plain, ids, attn, resp) - adapted).abs().max() > 1e-3
+            plain.load_state_dict(state)
+            merged = irepo.sequence_logprobs(plain, ids, attn, resp)
+        assert torch.allclose(adapted, merged, atol=1e-4), (kind, adapted, merged)
+
+
+def lora_steps(model, lr, targets="q_proj,v_proj,down_proj", steps=4):
+    """`steps` LoRA steps (rank 4) that raise the log-probs of 8 fixed responses; returns their
+    log-probs before, at the end of training (adapters live) and after trainable() exits."""
+    prompt_ids = [[5, 6, 7]] * 8
+    responses = torch.randint(3, 40, (8, 6), generator=torch.Generator().manual_seed(0)).tolist()
+    batch = irepo.collate(prompt_ids, responses, 0, "cpu")
+    settings = irepo.Training(lr=lr, epochs=1, batch_size=8 // steps, micro_batch_size=2,
+                              warmup_ratio=0.0, lora_rank=4, lora_alpha=4.0, lora_targets=targets)
+
+    def micro_loss(indices, epoch):
+        micro = irepo.collate([prompt_ids[i] for i in indices], [responses[i] for i in indices],
+                              0, "cpu")
+        return -irepo.sequence_logprobs(model, *micro).sum()
+    with torch.no_grad():
+        before = irepo.sequence_logprobs(model, *batch)
+    with irepo.trainable(model, settings) as params:
+        irepo.fit(params, 8, micro_loss, settings, "test")
         with torch.no_grad():
-            assert (irepo.sequence_logprobs(fresh, ids, attn, resp) - merged).abs().max() > 1e-3
+            trained = irepo.sequence_logprobs(model, *batch)
+    with torch.no_grad():
+        after = irepo.sequence_logprobs(model, *batch)
+    return before, trained, after
+
+
+@pytest.mark.parametrize("lr", [1e-5, 1e-3])
+def test_bf16_policy_after_an_iteration_is_the_one_that_trained(lr):
+    """Silent bug caught: at the end of each iteration the fp32 LoRA update was added into bf16
+    weights, which rounded away much of it (at lr 1e-5 here the log-probs moved by 5e-4 and the
+    merge changed them by 1e-3, twice the update), so pi_{t+1}, the next reference, was not the
+    trained policy. Now, in a bf16 model, the policy after an iteration (the next reference)
+    gives exactly the trained policy's log-probs, after a first and after a second iteration."""
+    model = tiny_causal_lm("llama", 40).to(torch.bfloat16)
+    before, trained, after = lora_steps(model, lr)
+    assert (trained - before).abs().max() > 1e-4  # it trained
+    assert torch.equal(after, trained)
+    _, trained, after = lora_steps(model, lr)  # a second iteration stacks its own adapter
+    assert torch.equal(after, trained)
 
 
 def test_fresh_adapters_start_at_pi_t():
@@ -1691,6 +1733,30 @@ def test_lora_rank_alone_trains_in_the_tiny_preset(warm_tiny, tmp_path, capsys):
     assert any("mlp.c_fc" in name for name in moved) and any("attn.c_attn" in name for name in moved)
 
 
+def test_lora_resume_rebuilds_the_exact_bf16_policy(warm_tiny, tmp_path, monkeypatch):
+    """With bf16 weights and LoRA, iteration_1/ holds adapters.pt beside its plain model, whose
+    rounded weights are not the trained policy; --resume rebuilds the policy from the base model
+    and adapters.pt, so a resumed iteration 2 has the uninterrupted run's metrics, bit for bit."""
+    monkeypatch.setitem(irepo.DTYPE, "cpu", torch.bfloat16)
+    out = tmp_path / "run"
+    flags = ("--lora-rank", "4", "--lr", "3e-3", "--epochs", "1", "--prompts-per-iteration", "8",
+             "--eval-prompts", "8", "--max-new-tokens", "10")
+    run_with_warmup(warm_tiny, str(out), *flags)
+    uninterrupted = metrics_without_timing(out)
+    shutil.rmtree(out / "iteration_2")
+    run_with_warmup(warm_tiny, str(out), *flags, "--resume")
+    assert metrics_without_timing(out) == uninterrupted
+    adapters = torch.load(out / "iteration_1" / "adapters.pt", weights_only=True)
+    assert len(adapters) == 8 and all(len(frozen) == 1 for frozen in adapters.values())
+    args = irepo.parse_args(small_run_args(out, *flags))
+    exact, tokenizer = irepo.load_exact(args, torch.device("cpu"), str(out / "iteration_1"))
+    plain, _ = irepo.load_policy(args, torch.device("cpu"), str(out / "iteration_1"))
+    held_out = json.loads((out / "iteration_1" / "eval.json").read_text())["responses"]
+    prompt_ids = [irepo.encode_prompt(tokenizer, "The food was")] * len(held_out)
+    logps = [irepo.batched_logprobs(model, prompt_ids, held_out, 0, 16) for model in (exact, plain)]
+    assert not torch.equal(*logps)  # bf16 rounding: the plain copy is not the trained policy
+
+
 def test_a_preset_made_for_another_model_adapts_every_linear_layer():
     """Silent bug caught: on Llama (or Qwen2, Gemma), Phi-2's target names matched only q, k and
     v, leaving the attention output and the MLP unadapted. When the model lacks any of the
@@ -1715,8 +1781,8 @@ def test_a_preset_made_for_another_model_adapts_every_linear_layer():
         return -irepo.sequence_logprobs(model, *batch).sum()
     with irepo.trainable(model, settings) as params:
         irepo.fit(params, 4, micro_loss, settings, "test")
-    after = model.state_dict()
-    assert set(after) == set(before)  # merged: a plain model again
+    after = irepo.plain_state_dict(model)
+    assert set(after) == set(before)  # saved as a plain model
     for part in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.o_proj"):
         assert not torch.equal(after[f"model.layers.0.{part}.weight"],
                                before[f"model.layers.0.{part}.weight"]), part
