@@ -1191,9 +1191,11 @@ def plain_state_dict(model):
         state[f"{name}.{leaf}"] = value
     return state
 
-# --- The annotators. Every annotator answers, for each pair (a, b), n_annotators values in [0, 1]:
-# a vote or a probability that a is better than b; the Panel of Part I stacks their answers. The
-# simulated panel of the tiny world knows the true reward (its voters like positive words).
+# --- The annotators (Part I's Panel stacks their answers). --annotators is a comma-separated list:
+#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators) who like
+#                positive words: the tiny world's true reward, which only they know
+#   judge:MODEL  a causal LM asked which response is better, in both orders
+#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
 class Annotator:
     """The protocol. compare() is required; reward() is the true reward of each text where the
     annotator knows it (only the simulated one does), else None."""
@@ -1235,10 +1237,6 @@ class SimulatedAnnotators(Annotator):
     def reward(self, texts):
         return hidden_rewards(texts)
 
-# --- The other annotators. --annotators is a comma-separated list of:
-#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
-#   judge:MODEL  a causal LM asked which response is better, in both orders
-#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
 def parse_annotators(spec, num_annotators):
     """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed.
     A bare 'sim' has num_annotators annotators."""
@@ -1361,10 +1359,9 @@ def build_panel(args, device, batch_size):
             load_error(f"--annotators {kind}:{name}", name, error, "use a local folder or sim")
     return Panel(annotators, generator)
 
-# --- The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
-# The simulated annotators like positive words (POSITIVE and NEGATIVE, in Part I). A warm-up on
-# random reviews (a stand-in for the SFT model the paper starts from) gives pi_0 with about as
-# many negative words as positive ones.
+# --- The tiny world: a toy language of reviews and its prompts. A warm-up on random reviews (a
+# stand-in for the SFT model the paper starts from) gives pi_0 with about as many negative words
+# (which the simulated annotators dislike) as positive ones.
 TOPICS = ("food movie hotel book game park song class trip room "
           "city show beach team car phone cafe museum concert garden").split()
 QUALIFIERS = ["", "old ", "new ", "big ", "small ", "local ", "first ", "last "]
@@ -1430,11 +1427,8 @@ def build_tiny(folder, seed=0, steps=600):
     on_main(publish, folder, model, tokenizer, {})
 
 # --- Many processes: `torchrun --nproc_per_node N irepo.py ...` runs the method on N processes, one
-# GPU each. Each process samples, annotates and scores its share of the prompts, and trains on its
-# share of every batch. In Part I, sample(), batched_logprobs() and Panel.compare() work on
-# shard() of their inputs and gather() the results, so that every process holds all the pairs;
-# fit() trains on shard() of each batch and sums the gradients with total(), so that all take the
-# same step to the same weights, and train() sums its per-pair diagnostics with total(). Process 0
+# GPU each (README: Many GPUs). In Part I, sample(), batched_logprobs() and Panel.compare() work on
+# shard() of their inputs and gather() the results; fit() and train() sum with total(); process 0
 # alone prints and writes files (on_main). Without torchrun, WORLD is 1 and these change nothing.
 RANK = int(os.environ.get("RANK", 0))  # this process's number, from torchrun (0 without it)
 WORLD = int(os.environ.get("WORLD_SIZE", 1))  # the number of processes (1 without torchrun)
@@ -1500,9 +1494,8 @@ def check_targets(rows, t):
              "try a higher --temperature or more --num-responses")
     return torch.tensor([row["target_logit"] for row in rows])
 
-# --- Runs that stop. Every iteration's folder is written under a temporary name and renamed when
-# complete, so a run killed at any point keeps its complete iterations; --resume continues
-# after the last one with the same random streams (each phase is seeded by its iteration).
+# --- Runs that stop (README): an iteration's folder is renamed into place only when complete, so a
+# killed run keeps its complete iterations; --resume goes on after them, on the same random streams.
 NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare",
                     "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
