@@ -772,11 +772,9 @@ def read_jsonl(path, flag):
         yield f"{path}:{number}", row
 
 def is_number(value):
-    """A finite int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 def is_text(value):
-    """A string with something in it besides spaces."""
     return isinstance(value, str) and bool(value.strip())
 
 def is_token_ids(value):
@@ -806,8 +804,7 @@ def replies(messages):
     return [i for i, message in enumerate(messages)
             if message["role"] == "assistant" and i and messages[i - 1]["role"] == "user"]
 
-def is_message(value):
-    """A chat turn: a dict whose 'role' and 'content' are strings."""
+def is_message(value):  # a chat turn
     return (isinstance(value, dict) and isinstance(value.get("role"), str)
             and isinstance(value.get("content"), str))
 
@@ -1199,9 +1196,8 @@ def plain_state_dict(model):
 class Annotator:
     """The protocol. compare() is required; reward() is the true reward of each text where the
     annotator knows it (only the simulated one does), else None."""
-    n_annotators = 1  # answers per pair
 
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, n_annotators)
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, answers per pair)
         raise NotImplementedError
 
     def reward(self, texts):  # -> (P,) or None
@@ -1275,7 +1271,6 @@ class JudgeAnnotator(ModelAnnotator):
 
     def __init__(self, model, tokenizer, batch_size, max_tokens):
         super().__init__(model, tokenizer, batch_size, max_tokens)
-        # The token ids of the answers 'A' and 'B'.
         self.labels = [tokenizer(label, add_special_tokens=False)["input_ids"][-1]
                        for label in ("A", "B")]
         if self.labels[0] == self.labels[1]:
@@ -1624,7 +1619,6 @@ def save_iteration(out, t, model, tokenizer, rows, latest, metrics):
              "then rerun with --resume")
 
 def read_metrics(out):
-    """The metrics rows of every complete iteration in `out`, in order."""
     return [read_json(os.path.join(out, f"iteration_{number}", "metrics.json"))
             for number in range(1, complete_iterations(out) + 1)]
 
