@@ -910,22 +910,18 @@ def given_pairs(tokenizer, chunk, max_tokens):
             fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
         rows.append(dict(row, prompt_ids=prompt_ids, a_ids=a_ids, b_ids=b_ids))
     lengths = [len(row[side]) for row in rows for side in ("a_ids", "b_ids")]
-    stats = dict(skipped_pairs=len(chunk) - len(rows),
-                 response_tokens_mean=sum(lengths) / len(lengths) if lengths else 0.0,
-                 eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
-                 sample_tokens_per_s=None)
-    return rows, stats
+    return rows, dict(skipped_pairs=len(chunk) - len(rows),
+                      response_tokens_mean=sum(lengths) / len(lengths) if lengths else 0.0,
+                      eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
+                      sample_tokens_per_s=None)
 
 # --- Chat formats: a prompt in the tokenizer's chat template, and the texts that annotators
 # see (sample() and the steps of Part I use these).
-def as_messages(prompt):
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
 def encode_prompt(tokenizer, prompt, max_tokens=None):
     """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
     one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
-    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False,
-                                         add_generation_prompt=True)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has any BOS
     return ids[-max_tokens:] if max_tokens else ids
 
@@ -936,11 +932,8 @@ def end_of_turn(tokenizer):
 def decode(tokenizer, responses):
     """The texts annotators see: special tokens and the end-of-turn marker left out."""
     marker = end_of_turn(tokenizer)
-    texts = []
-    for response in responses:
-        text = tokenizer.decode(response, skip_special_tokens=True)
-        texts.append((text.split(marker)[0] if marker else text).strip())
-    return texts
+    texts = [tokenizer.decode(response, skip_special_tokens=True) for response in responses]
+    return [(text.split(marker)[0] if marker else text).strip() for text in texts]
 
 # --- Model loading.
 # Prompt formats for tokenizers that bring no chat template of their own.
@@ -1290,8 +1283,7 @@ class JudgeAnnotator(ModelAnnotator):
             logits = last_logits(self.model, *batch, keep=1)[:, -1].float()  # (B, V)
             first_better += torch.sigmoid(logits[:, label_a] - logits[:, label_b]).tolist()
         # P(a is better): asked with a first, and 1 - P(b is better) asked with b first, averaged.
-        count = len(prompts)
-        a_first, b_first = torch.tensor(first_better[:count]), torch.tensor(first_better[count:])
+        a_first, b_first = torch.tensor(first_better).split(len(prompts))
         return ((a_first + 1 - b_first) / 2)[:, None]  # (P, 1)
 
 class RewardModelAnnotator(ModelAnnotator):
@@ -1656,25 +1648,11 @@ class Run:
     latest: Samples = None  # pi_t's held-out samples: the evaluation's reference for KL
     sample_batch: int = None  # prompts per generate() call, 'auto' resolved
 
-def read_inputs(args):
-    """Every input file read and checked before anything expensive: held-out prompts, the
-    chunks of prompts, the given pairs and the SFT conversations (None where not given)."""
-    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
-    held_out, chunks = split_prompts(prompts, args)
-    given = None
-    if args.pairs:
-        given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
-    conversations = read_conversations(args.sft) if args.sft else None
-    return held_out, chunks, given, conversations
-
 def print_start(args, device, held_out, chunks, given, start):
     print("config: " + " ".join(f"{name}={value}" for name, value in sorted(vars(args).items())
                                 if name not in ("annotator_specs", "warmup")))
     processes = f" in {WORLD} processes" if WORLD > 1 else ""
-    if given:
-        chunk = f"{len(given[0])} given pairs"
-    else:
-        chunk = f"{len(chunks[0])} prompts"
+    chunk = f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts"
     resuming = f"; resuming after iteration {start}" if start else ""
     print(f"device: {device}{processes}, {len(held_out)} held-out prompts, {len(chunks)} chunks "
           f"of {chunk}{resuming}")
@@ -1685,11 +1663,17 @@ def print_initial_reward(panel, held_out):
         print(f"pi_0: true reward {reward.mean():.3f} on held-out prompts")
 
 def start_run(args):
-    """Every input checked before anything expensive, then pi_t (pi_0, or the last complete
-    iteration on --resume), the panel, the held-out prompts; on --resume, the held-out samples
-    of pi_0 and pi_t as saved. The loop draws pi_0's own when it starts from t = 0."""
+    """Every input file read and checked before anything expensive (prompts, given pairs, SFT
+    conversations: None where not given), then pi_t (pi_0, or the last complete iteration on
+    --resume), the panel, the held-out prompts; on --resume, the held-out samples of pi_0 and
+    pi_t as saved. The loop draws pi_0's own when it starts from t = 0."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # see DTYPE
-    held_out_prompts, chunks, given, conversations = read_inputs(args)
+    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
+    held_out_prompts, chunks = split_prompts(prompts, args)
+    given = None
+    if args.pairs:
+        given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
+    conversations = read_conversations(args.sft) if args.sft else None
     start = on_main(check_out, args)
     print_start(args, device, held_out_prompts, chunks, given, start)
     state = Run(out=args.out, start=start, history=read_metrics(args.out)[:start])
