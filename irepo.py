@@ -707,10 +707,8 @@ def check_model(label, name):
 
 def load_error(label, name, error, hint):
     """One line for a model that cannot be loaded, saying why by what its name looks like."""
-    if is_path(name) or os.path.isdir(name):
-        why = "not a model folder"
-    else:
-        why = "cannot be downloaded: no network, or no such model"
+    local = is_path(name) or os.path.isdir(name)
+    why = "not a model folder" if local else "cannot be downloaded: no network, or no such model"
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     fail(f"{label}: cannot be loaded ({why}; {first_line}); {hint}")
 
@@ -1483,8 +1481,7 @@ def check_targets(rows, t):
 
 # --- Runs that stop (README): an iteration's folder is renamed into place only when complete, so a
 # killed run keeps its complete iterations; --resume goes on after them, on the same random streams.
-NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare",
-                    "annotator_specs"}
+NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4, "label": 5, "initial": 6}
 
