@@ -913,8 +913,7 @@ def given_pairs(tokenizer, chunk, max_tokens):
                       eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
                       sample_tokens_per_s=None)
 
-# --- Chat formats: a prompt in the tokenizer's chat template, and the texts that annotators
-# see (sample() and the steps of Part I use these).
+# --- Chat formats: a prompt in the tokenizer's chat template; responses as the annotators see them.
 def encode_prompt(tokenizer, prompt, max_tokens=None):
     """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
     one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
@@ -933,8 +932,7 @@ def decode(tokenizer, responses):
     texts = [tokenizer.decode(response, skip_special_tokens=True) for response in responses]
     return [(text.split(marker)[0] if marker else text).strip() for text in texts]
 
-# --- Model loading.
-# Prompt formats for tokenizers that bring no chat template of their own.
+# --- Model loading. CHAT_TEMPLATES: prompt formats for tokenizers that bring none of their own.
 CHAT_TEMPLATES = {
     "tiny": "{% for m in messages %}{{ m['content'] }} {% endfor %}"
             "{% if add_generation_prompt %}<reply>{% endif %}",
