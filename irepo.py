@@ -707,10 +707,8 @@ def check_model(label, name):
 
 def load_error(label, name, error, hint):
     """One line for a model that cannot be loaded, saying why by what its name looks like."""
-    if is_path(name) or os.path.isdir(name):
-        why = "not a model folder"
-    else:
-        why = "cannot be downloaded: no network, or no such model"
+    local = is_path(name) or os.path.isdir(name)
+    why = "not a model folder" if local else "cannot be downloaded: no network, or no such model"
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     fail(f"{label}: cannot be loaded ({why}; {first_line}); {hint}")
 
@@ -772,11 +770,9 @@ def read_jsonl(path, flag):
         yield f"{path}:{number}", row
 
 def is_number(value):
-    """A finite int or float, not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 def is_text(value):
-    """A string with something in it besides spaces."""
     return isinstance(value, str) and bool(value.strip())
 
 def is_token_ids(value):
@@ -806,8 +802,7 @@ def replies(messages):
     return [i for i, message in enumerate(messages)
             if message["role"] == "assistant" and i and messages[i - 1]["role"] == "user"]
 
-def is_message(value):
-    """A chat turn: a dict whose 'role' and 'content' are strings."""
+def is_message(value):  # a chat turn
     return (isinstance(value, dict) and isinstance(value.get("role"), str)
             and isinstance(value.get("content"), str))
 
@@ -913,22 +908,17 @@ def given_pairs(tokenizer, chunk, max_tokens):
             fail(f"{where}: token ids exceed the vocabulary of --model {tokenizer.name_or_path}")
         rows.append(dict(row, prompt_ids=prompt_ids, a_ids=a_ids, b_ids=b_ids))
     lengths = [len(row[side]) for row in rows for side in ("a_ids", "b_ids")]
-    stats = dict(skipped_pairs=len(chunk) - len(rows),
-                 response_tokens_mean=sum(lengths) / len(lengths) if lengths else 0.0,
-                 eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
-                 sample_tokens_per_s=None)
-    return rows, stats
+    return rows, dict(skipped_pairs=len(chunk) - len(rows),
+                      response_tokens_mean=sum(lengths) / len(lengths) if lengths else 0.0,
+                      eos_rate=None, seconds_sample=0.0, seconds_annotate=0.0,
+                      sample_tokens_per_s=None)
 
-# --- Chat formats: a prompt in the tokenizer's chat template, and the texts that annotators
-# see (sample() and the steps of Part I use these).
-def as_messages(prompt):
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-
+# --- Chat formats: a prompt in the tokenizer's chat template; responses as the annotators see them.
 def encode_prompt(tokenizer, prompt, max_tokens=None):
     """Token ids of a prompt in the tokenizer's chat template (load_policy gives every tokenizer
     one). A prompt longer than max_tokens keeps its end, where the template asks for a reply."""
-    text = tokenizer.apply_chat_template(as_messages(prompt), tokenize=False,
-                                         add_generation_prompt=True)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has any BOS
     return ids[-max_tokens:] if max_tokens else ids
 
@@ -939,14 +929,10 @@ def end_of_turn(tokenizer):
 def decode(tokenizer, responses):
     """The texts annotators see: special tokens and the end-of-turn marker left out."""
     marker = end_of_turn(tokenizer)
-    texts = []
-    for response in responses:
-        text = tokenizer.decode(response, skip_special_tokens=True)
-        texts.append((text.split(marker)[0] if marker else text).strip())
-    return texts
+    texts = [tokenizer.decode(response, skip_special_tokens=True) for response in responses]
+    return [(text.split(marker)[0] if marker else text).strip() for text in texts]
 
-# --- Model loading.
-# Prompt formats for tokenizers that bring no chat template of their own.
+# --- Model loading. CHAT_TEMPLATES: prompt formats for tokenizers that bring none of their own.
 CHAT_TEMPLATES = {
     "tiny": "{% for m in messages %}{{ m['content'] }} {% endfor %}"
             "{% if add_generation_prompt %}<reply>{% endif %}",
@@ -1191,15 +1177,16 @@ def plain_state_dict(model):
         state[f"{name}.{leaf}"] = value
     return state
 
-# --- The annotators. Every annotator answers, for each pair (a, b), n_annotators values in [0, 1]:
-# a vote or a probability that a is better than b; the Panel of Part I stacks their answers. The
-# simulated panel of the tiny world knows the true reward (its voters like positive words).
+# --- The annotators (Part I's Panel stacks their answers). --annotators is a comma-separated list:
+#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators) who like
+#                positive words: the tiny world's true reward, which only they know
+#   judge:MODEL  a causal LM asked which response is better, in both orders
+#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
 class Annotator:
     """The protocol. compare() is required; reward() is the true reward of each text where the
     annotator knows it (only the simulated one does), else None."""
-    n_annotators = 1  # answers per pair
 
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, n_annotators)
+    def compare(self, prompts, texts_a, texts_b):  # -> (P, answers per pair)
         raise NotImplementedError
 
     def reward(self, texts):  # -> (P,) or None
@@ -1235,10 +1222,6 @@ class SimulatedAnnotators(Annotator):
     def reward(self, texts):
         return hidden_rewards(texts)
 
-# --- The other annotators. --annotators is a comma-separated list of:
-#   sim[:N]      N simulated Bradley-Terry annotators (default N: --num-annotators)
-#   judge:MODEL  a causal LM asked which response is better, in both orders
-#   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
 def parse_annotators(spec, num_annotators):
     """'sim:4,rm:NAME' -> [('sim', 4), ('rm', 'NAME')]; stops with a clear line if malformed.
     A bare 'sim' has num_annotators annotators."""
@@ -1277,7 +1260,6 @@ class JudgeAnnotator(ModelAnnotator):
 
     def __init__(self, model, tokenizer, batch_size, max_tokens):
         super().__init__(model, tokenizer, batch_size, max_tokens)
-        # The token ids of the answers 'A' and 'B'.
         self.labels = [tokenizer(label, add_special_tokens=False)["input_ids"][-1]
                        for label in ("A", "B")]
         if self.labels[0] == self.labels[1]:
@@ -1297,8 +1279,7 @@ class JudgeAnnotator(ModelAnnotator):
             logits = last_logits(self.model, *batch, keep=1)[:, -1].float()  # (B, V)
             first_better += torch.sigmoid(logits[:, label_a] - logits[:, label_b]).tolist()
         # P(a is better): asked with a first, and 1 - P(b is better) asked with b first, averaged.
-        count = len(prompts)
-        a_first, b_first = torch.tensor(first_better[:count]), torch.tensor(first_better[count:])
+        a_first, b_first = torch.tensor(first_better).split(len(prompts))
         return ((a_first + 1 - b_first) / 2)[:, None]  # (P, 1)
 
 class RewardModelAnnotator(ModelAnnotator):
@@ -1361,10 +1342,9 @@ def build_panel(args, device, batch_size):
             load_error(f"--annotators {kind}:{name}", name, error, "use a local folder or sim")
     return Panel(annotators, generator)
 
-# --- The tiny world: a toy language of reviews, its prompts, and the annotators' hidden reward.
-# The simulated annotators like positive words (POSITIVE and NEGATIVE, in Part I). A warm-up on
-# random reviews (a stand-in for the SFT model the paper starts from) gives pi_0 with about as
-# many negative words as positive ones.
+# --- The tiny world: a toy language of reviews and its prompts. A warm-up on random reviews (a
+# stand-in for the SFT model the paper starts from) gives pi_0 with about as many negative words
+# (which the simulated annotators dislike) as positive ones.
 TOPICS = ("food movie hotel book game park song class trip room "
           "city show beach team car phone cafe museum concert garden").split()
 QUALIFIERS = ["", "old ", "new ", "big ", "small ", "local ", "first ", "last "]
@@ -1430,11 +1410,8 @@ def build_tiny(folder, seed=0, steps=600):
     on_main(publish, folder, model, tokenizer, {})
 
 # --- Many processes: `torchrun --nproc_per_node N irepo.py ...` runs the method on N processes, one
-# GPU each. Each process samples, annotates and scores its share of the prompts, and trains on its
-# share of every batch. In Part I, sample(), batched_logprobs() and Panel.compare() work on
-# shard() of their inputs and gather() the results, so that every process holds all the pairs;
-# fit() trains on shard() of each batch and sums the gradients with total(), so that all take the
-# same step to the same weights, and train() sums its per-pair diagnostics with total(). Process 0
+# GPU each (README: Many GPUs). In Part I, sample(), batched_logprobs() and Panel.compare() work on
+# shard() of their inputs and gather() the results; fit() and train() sum with total(); process 0
 # alone prints and writes files (on_main). Without torchrun, WORLD is 1 and these change nothing.
 RANK = int(os.environ.get("RANK", 0))  # this process's number, from torchrun (0 without it)
 WORLD = int(os.environ.get("WORLD_SIZE", 1))  # the number of processes (1 without torchrun)
@@ -1500,11 +1477,9 @@ def check_targets(rows, t):
              "try a higher --temperature or more --num-responses")
     return torch.tensor([row["target_logit"] for row in rows])
 
-# --- Runs that stop. Every iteration's folder is written under a temporary name and renamed when
-# complete, so a run killed at any point keeps its complete iterations; --resume continues
-# after the last one with the same random streams (each phase is seeded by its iteration).
-NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare",
-                    "annotator_specs"}
+# --- Runs that stop (README): an iteration's folder is renamed into place only when complete, so a
+# killed run keeps its complete iterations; --resume goes on after them, on the same random streams.
+NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
 PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4, "label": 5, "initial": 6}
 
@@ -1631,7 +1606,6 @@ def save_iteration(out, t, model, tokenizer, rows, latest, metrics):
              "then rerun with --resume")
 
 def read_metrics(out):
-    """The metrics rows of every complete iteration in `out`, in order."""
     return [read_json(os.path.join(out, f"iteration_{number}", "metrics.json"))
             for number in range(1, complete_iterations(out) + 1)]
 
@@ -1669,25 +1643,11 @@ class Run:
     latest: Samples = None  # pi_t's held-out samples: the evaluation's reference for KL
     sample_batch: int = None  # prompts per generate() call, 'auto' resolved
 
-def read_inputs(args):
-    """Every input file read and checked before anything expensive: held-out prompts, the
-    chunks of prompts, the given pairs and the SFT conversations (None where not given)."""
-    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
-    held_out, chunks = split_prompts(prompts, args)
-    given = None
-    if args.pairs:
-        given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
-    conversations = read_conversations(args.sft) if args.sft else None
-    return held_out, chunks, given, conversations
-
 def print_start(args, device, held_out, chunks, given, start):
     print("config: " + " ".join(f"{name}={value}" for name, value in sorted(vars(args).items())
                                 if name not in ("annotator_specs", "warmup")))
     processes = f" in {WORLD} processes" if WORLD > 1 else ""
-    if given:
-        chunk = f"{len(given[0])} given pairs"
-    else:
-        chunk = f"{len(chunks[0])} prompts"
+    chunk = f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts"
     resuming = f"; resuming after iteration {start}" if start else ""
     print(f"device: {device}{processes}, {len(held_out)} held-out prompts, {len(chunks)} chunks "
           f"of {chunk}{resuming}")
@@ -1698,11 +1658,17 @@ def print_initial_reward(panel, held_out):
         print(f"pi_0: true reward {reward.mean():.3f} on held-out prompts")
 
 def start_run(args):
-    """Every input checked before anything expensive, then pi_t (pi_0, or the last complete
-    iteration on --resume), the panel, the held-out prompts; on --resume, the held-out samples
-    of pi_0 and pi_t as saved. The loop draws pi_0's own when it starts from t = 0."""
+    """Every input file read and checked before anything expensive (prompts, given pairs, SFT
+    conversations: None where not given), then pi_t (pi_0, or the last complete iteration on
+    --resume), the panel, the held-out prompts; on --resume, the held-out samples of pi_0 and
+    pi_t as saved. The loop draws pi_0's own when it starts from t = 0."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # see DTYPE
-    held_out_prompts, chunks, given, conversations = read_inputs(args)
+    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
+    held_out_prompts, chunks = split_prompts(prompts, args)
+    given = None
+    if args.pairs:
+        given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
+    conversations = read_conversations(args.sft) if args.sft else None
     start = on_main(check_out, args)
     print_start(args, device, held_out_prompts, chunks, given, start)
     state = Run(out=args.out, start=start, history=read_metrics(args.out)[:start])
