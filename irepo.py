@@ -197,13 +197,12 @@ LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss, "soft-dpo": sof
 # --- Log-probabilities (used by steps 5-7). The one place that owns padding, positions, shifting,
 # masking and the fp32 upcast.
 def lay_out(prompt_ids, a_ids, b_ids, pad_id, device):
-    """Lay out rows as [pad.. prompt | a | b ..pad]: a prompt once, then two responses, or one
-    when b is empty. Prompts are left-padded (as generate() sees them), so every a starts in
-    the same column; the width is trimmed to this batch's longest row. b follows the prompt as
-    if a were not there: its positions restart at the prompt's end (the mask is pair_logprobs').
-    Returns input_ids, position_ids and segment (B, W), the segment 0 on pads, 1 on the prompt,
-    2 on a, 3 on b; labels (B, W, 2): a's and b's tokens, each in the column whose logit
-    predicts it (the prompt's last predicts both first tokens), else -1."""
+    """Lay out rows as [pad.. prompt | a | b ..pad], one response when b is empty: prompts
+    left-padded (as generate() sees them), so that every a starts in one column, the width
+    trimmed to this batch's longest row. b's positions restart at the prompt's end, as if a
+    were not there. Returns input_ids, position_ids and segment (B, W), segment 0 on pads, 1 on
+    the prompt, 2 on a, 3 on b; labels (B, W, 2): each token of a and of b in the column whose
+    logit predicts it (the prompt's last predicts both first tokens), else -1."""
     prompt_width = max(len(prompt) for prompt in prompt_ids)
     width = prompt_width + max(len(a) + len(b) for a, b in zip(a_ids, b_ids))
     input_ids = torch.full((len(prompt_ids), width), pad_id)
@@ -269,8 +268,7 @@ def sequence_logprobs(model, input_ids, attention_mask, response_mask):
 
 def pair_logprobs(model, pairs, pad_id, one_row=None):
     """log pi(a|x) and log pi(b|x), (P,) each, of pairs (dicts with prompt_ids, a_ids, b_ids):
-    one row a pair, or two, [prompt | a] and [prompt | b]; unset, one row if the model gives it
-    the two rows' answer (one_row_works)."""
+    one row a pair, or two, [prompt | a] and [prompt | b]; unset, as one_row_works() finds."""
     prompt_ids = [pair["prompt_ids"] for pair in pairs]
     a_ids, b_ids = [pair["a_ids"] for pair in pairs], [pair["b_ids"] for pair in pairs]
     if one_row is None:
@@ -281,8 +279,8 @@ def pair_logprobs(model, pairs, pad_id, one_row=None):
     input_ids, position_ids, segment, labels = lay_out(prompt_ids, a_ids, b_ids, pad_id,
                                                        model.device)
     # A query sees the keys before it in the prompt and in its own segment: b never sees a, and
-    # a pad sees itself (SDPA makes a query that sees nothing NaN, and backward spreads it).
-    # For a prompt x1 x2 (1: the query in that row sees the key in that column):
+    # a pad sees itself (a query that sees nothing is NaN in some SDPA kernels, and backward
+    # spreads it). For a prompt x1 x2 (1: the query in that row sees the key in that column):
     #           x1 x2 a1 a2 b1
     #       x1   1                  positions: 0 1 2 3 2
     #       x2   1  1               x2's logit predicts both a1 and b1
