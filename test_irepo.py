@@ -241,6 +241,192 @@ def test_sequence_logprobs_gradient_flows():
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
 
 
+def tiny_pair_model(kind, vocab_size=40):
+    """A tiny random causal LM of each architecture the one-row layout must serve, in eval mode:
+    GPT-2 and Llama as tiny_causal_lm builds them, Mistral, Phi and Qwen2 with the same sizes."""
+    from transformers import (MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
+    if kind in ("gpt2", "llama"):
+        return tiny_causal_lm(kind, vocab_size)
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                 eos_token_id=1, bos_token_id=1)
+    if kind == "phi":
+        return PhiForCausalLM(PhiConfig(**sizes)).eval()
+    builders = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config, model = builders[kind]
+    return model(config(num_key_value_heads=2, **sizes)).eval()
+
+
+def random_pairs(lengths, vocab_size=40, seed=0):
+    """Pairs of random token ids with the given (prompt, a, b) lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [dict(prompt_ids=torch.randint(3, vocab_size, (p,), generator=g).tolist(),
+                 a_ids=torch.randint(3, vocab_size, (a,), generator=g).tolist(),
+                 b_ids=torch.randint(3, vocab_size, (b,), generator=g).tolist())
+            for p, a, b in lengths]
+
+
+# Prompts of different lengths (left padding), a longer and shorter than b, one-token responses.
+PAIR_LENGTHS = [(3, 5, 2), (7, 1, 4), (1, 6, 6), (5, 3, 1)]
+
+
+def both_layouts(model, pairs, params):
+    """log pi(a|x), log pi(b|x) (2, P) and the gradient of sum(logp_a - 2 logp_b) over params, in
+    the one-row layout and in the two-row one."""
+    results = []
+    for one_row in (True, False):
+        for param in params:
+            param.grad = None
+        logps = torch.stack(irepo.pair_logprobs(model, pairs, 0, one_row=one_row))
+        (logps[0] - 2 * logps[1]).sum().backward()  # a and b weighted apart: a swap shows
+        results.append((logps.detach(), [param.grad.clone() for param in params]))
+    return results
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "phi", "qwen2"])
+def test_one_row_per_pair_equals_two_rows(kind, capsys):
+    """The prompt once, then a, then b in one row (b sees the prompt and itself, its positions
+    restart at the prompt's end) gives the log-probs of a and b, and their gradients, of two
+    rows [prompt | a], [prompt | b], to 1e-5 in fp32, with SDPA; and the model's probe keeps
+    the one row, silently."""
+    model = tiny_pair_model(kind)
+    assert model.config._attn_implementation == "sdpa"  # as load_policy loads every model
+    pairs = random_pairs(PAIR_LENGTHS)
+    params = list(model.parameters())
+    (one_row, one_row_grads), (two_rows, two_row_grads) = both_layouts(model, pairs, params)
+    assert one_row.shape == (2, len(pairs))
+    torch.testing.assert_close(one_row, two_rows, atol=1e-5, rtol=0)
+    for one, two in zip(one_row_grads, two_row_grads):
+        torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+    assert irepo.one_row_works(model, pairs, 0) and capsys.readouterr().out == ""
+
+
+def test_one_row_per_pair_with_lora_and_gradient_checkpointing():
+    """The same equality for LoRA adapters trained under gradient checkpointing (train mode,
+    the layers recomputed in backward), the paper presets' way of training."""
+    model = tiny_pair_model("mistral")
+    settings = irepo.Training(lr=1e-3, epochs=1, batch_size=4, micro_batch_size=4, lora_rank=4,
+                              lora_alpha=4.0, lora_targets="q_proj,v_proj",
+                              gradient_checkpointing=True)
+    pairs = random_pairs(PAIR_LENGTHS)
+    with irepo.trainable(model, settings) as params:
+        assert model.training and any(getattr(module, "gradient_checkpointing", False)
+                                      for module in model.modules())
+        for param in params[1::2]:  # B starts at zero, which would leave A's gradient zero
+            torch.nn.init.normal_(param, std=0.1)
+        (one_row, one_row_grads), (two_rows, two_row_grads) = both_layouts(model, pairs, params)
+    torch.testing.assert_close(one_row, two_rows, atol=1e-5, rtol=0)
+    for one, two in zip(one_row_grads, two_row_grads):
+        assert one.abs().sum() > 0
+        torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+
+
+def test_the_one_row_mask_is_the_picture_and_leaves_no_query_blind(monkeypatch):
+    """The model gets, for a prompt x1 x2, a = a1 a2, b = b1, the mask and the positions that
+    pair_logprobs draws; and in a left-padded row every query, pads included, sees at least
+    itself (a query that sees nothing is NaN in some SDPA kernels, and backward spreads it)."""
+    model = tiny_pair_model("llama")
+    seen = {}
+    forward = model.forward
+
+    def recording(*args, attention_mask=None, position_ids=None, **kwargs):
+        seen.update(mask=attention_mask, positions=position_ids)
+        return forward(*args, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+    monkeypatch.setattr(model, "forward", recording)
+    pairs = random_pairs([(2, 2, 1), (1, 1, 1)])  # the second: [pad x1 a1 b1 pad]
+    irepo.pair_logprobs(model, pairs, 0, one_row=True)
+    picture = torch.tensor([[1, 0, 0, 0, 0],
+                            [1, 1, 0, 0, 0],
+                            [1, 1, 1, 0, 0],
+                            [1, 1, 1, 1, 0],
+                            [1, 1, 0, 0, 1]], dtype=torch.bool)
+    assert seen["mask"].dtype == torch.bool and seen["mask"].shape == (2, 1, 5, 5)
+    assert torch.equal(seen["mask"][0, 0], picture)
+    assert seen["positions"][0].tolist() == [0, 1, 2, 3, 2]
+    assert seen["mask"][1, 0].diagonal().all()
+
+
+def test_reference_logprobs_keep_the_order_of_the_pairs():
+    """reference_logprobs scores pairs of similar length together, then puts each pair's
+    log-probs back in its own row: they equal the pair scored alone, for pairs given longest
+    first (the opposite of the order in which they are scored)."""
+    model = tiny_pair_model("llama")
+    lengths = [(9, 7, 6), (3, 8, 2), (6, 3, 4), (2, 4, 1), (1, 2, 2)]
+    rows = [dict(pair, target_logit=0.0) for pair in random_pairs(lengths)]
+    reference_a, reference_b = irepo.reference_logprobs(model, rows, 0, 2)
+    for row, logp_a, logp_b in zip(rows, reference_a, reference_b):
+        with torch.no_grad():
+            alone = torch.cat(irepo.pair_logprobs(model, [row], 0))
+        torch.testing.assert_close(torch.stack([logp_a, logp_b]), alone, atol=1e-5, rtol=0)
+        assert (row["logp_ref_a"], row["logp_ref_b"]) == (float(logp_a), float(logp_b))
+
+
+def refusing(model, monkeypatch, how):
+    """Make the model refuse a 4-D attention mask: raise, or ignore it (b then sees a)."""
+    forward = model.forward
+
+    def patched(*args, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if how == "raises":
+                raise ValueError("no custom 4-D masks here")
+            attention_mask = None
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+    monkeypatch.setattr(model, "forward", patched)
+
+
+@pytest.mark.parametrize("how", ["raises", "ignores"])
+def test_a_model_that_refuses_one_row_falls_back_to_two_rows(how, monkeypatch, capsys):
+    """A model that raises on a 4-D mask, or ignores it, is found out on its first pairs: one
+    printed line, then two rows per pair, whose log-probs are the two-row layout's exactly,
+    in training too."""
+    model = tiny_pair_model("llama")
+    refusing(model, monkeypatch, how)
+    pairs = random_pairs(PAIR_LENGTHS)
+    with torch.no_grad():
+        first = torch.stack(irepo.pair_logprobs(model, pairs, 0))
+        again = torch.stack(irepo.pair_logprobs(model, pairs, 0))
+        two_rows = torch.stack(irepo.pair_logprobs(model, pairs, 0, one_row=False))
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and "cannot score a pair in one row" in printed[0], printed
+    assert model.one_row is False
+    assert torch.equal(first, two_rows) and torch.equal(again, two_rows)
+    rows = [dict(pair, target_logit=1.0) for pair in pairs]
+    reference_a, reference_b = irepo.reference_logprobs(model, rows, 0, 2)
+    args = irepo.parse_args(["--epochs", "1", "--batch-size", "4", "--micro-batch-size", "2"])
+    fitted, tokens = irepo.train(model, rows, reference_a, reference_b, 0, args)
+    assert math.isfinite(fitted["loss"]) and capsys.readouterr().out == ""
+
+
+def test_micro_batches_group_similar_lengths_and_keep_the_step():
+    """fit() with the items' lengths cuts each batch (this process's share) into micro-batches
+    of similar length, and takes the same steps as without: the same batches, the same summed
+    gradients, so the same weights up to float rounding."""
+    g = torch.Generator().manual_seed(0)
+    features, targets = torch.randn(24, 3, generator=g), torch.randn(24, generator=g)
+    lengths = torch.randint(1, 100, (24,), generator=g).tolist()
+    settings = irepo.Training(lr=0.1, epochs=2, batch_size=8, micro_batch_size=2)
+
+    def fitted(item_lengths):
+        weights, micro_batches = torch.nn.Parameter(torch.zeros(3)), []
+
+        def micro_loss(indices, epoch):
+            micro_batches.append(indices)
+            return ((features[indices] @ weights - targets[indices]) ** 2).sum()
+        torch.manual_seed(0)
+        irepo.fit([weights], 24, micro_loss, settings, "test", item_lengths)
+        return weights.detach(), micro_batches
+    plain, plain_micro = fitted(None)
+    grouped, grouped_micro = fitted(lengths)
+    torch.testing.assert_close(grouped, plain, atol=1e-6, rtol=0)
+    for batch in range(0, len(plain_micro), 4):  # 4 micro-batches of 2 in each batch of 8
+        plain_items = [i for micro in plain_micro[batch:batch + 4] for i in micro]
+        grouped_items = [i for micro in grouped_micro[batch:batch + 4] for i in micro]
+        assert sorted(grouped_items) == sorted(plain_items)
+        assert [lengths[i] for i in grouped_items] == sorted(lengths[i] for i in plain_items)
+
+
 # ---------------------------------------------------------------------------------------------
 # Prompts and bad input.
 # ---------------------------------------------------------------------------------------------
