@@ -1120,15 +1120,13 @@ def trainable(model, settings):
         model.eval()
         if settings.gradient_checkpointing:
             model.gradient_checkpointing_disable()
-        freeze_lora(model)
+        for _, module in lora_wrappers(model):
+            module.freeze()
         model.requires_grad_(False)
 
 # --- LoRA, in the file: fresh adapters on the chosen linear layers each iteration (and SFT),
-# frozen after it, never merged: pi_t is the base weights plus every adapter so far, each in fp32,
-# added in the order they trained, so the next reference and every evaluation is exactly the
-# policy that was trained. (Merged into bf16 weights, a small update is mostly rounded away: README.)
-# A saved folder holds a plain model, adapters merged and rounded once, and adapters.pt, exact.
-# A and B are the LoRA paper's names for the two low-rank factors.
+# frozen after it, never merged into bf16 weights, which would round a small update away (README):
+# pi_t is exactly the policy that trained. A and B are the LoRA paper's two low-rank factors.
 def is_linear(module):
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
 
@@ -1156,9 +1154,10 @@ class LoRALinear(torch.nn.Module):
         return [self.A, self.B]
 
     def freeze(self):
-        """The trained adapter joins the frozen ones; the layer's function does not change."""
-        self.frozen.append((self.A.detach(), self.B.detach(), self.scale))
-        self.A = self.B = self.scale = None
+        """The trained adapter, if any, joins the frozen ones; the layer's function is unchanged."""
+        if self.A is not None:
+            self.frozen.append((self.A.detach(), self.B.detach(), self.scale))
+            self.A = self.B = self.scale = None
 
     def forward(self, hidden):
         training = [(self.A, self.B, self.scale)] if self.A is not None else []
@@ -1207,11 +1206,6 @@ def add_lora(model, rank, alpha, layer_names):
             swap(model, name, LoRALinear(model.get_submodule(name)))
         params += model.get_submodule(name).add_adapter(rank, alpha)
     return params
-
-def freeze_lora(model):
-    for _, module in lora_wrappers(model):
-        if module.A is not None:
-            module.freeze()
 
 def install_adapters(model, adapters):
     """Give each named layer its saved adapters (adapters.pt: {layer name: [(A, B, scale), ...]}

@@ -1002,7 +1002,8 @@ def test_saved_lora_model_matches_the_adapted_one():
         torch.manual_seed(1)
         for p in params:
             p.data.normal_(0, 0.2)  # a trained adapter: B is no longer zero
-        irepo.freeze_lora(model)
+        for _, module in irepo.lora_wrappers(model):
+            module.freeze()
         ids, attn, resp = irepo.collate([[5, 6, 7], [8]], [[9, 10, 1], [11, 12]], pad_id=0, device="cpu")
         plain = tiny_causal_lm(kind, vocab_size=40)
         state = irepo.plain_state_dict(model)
