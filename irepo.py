@@ -1812,13 +1812,11 @@ def kl(log_p, log_q):
 
 def pair_indices(responses):
     """The pairs i < j of that many responses, in a fixed order: (first, second), each (pairs,)."""
-    first, second = torch.triu_indices(responses, responses, 1)
-    return first, second
+    return torch.triu_indices(responses, responses, 1)
 
 def ranks(scores):
     """The rank of each score along the last dimension, 0 for the lowest."""
-    order = scores.argsort(-1)  # the indices, lowest score first
-    return order.argsort(-1)
+    return scores.argsort(-1).argsort(-1)  # argsort: the indices, lowest score first
 
 def all_draws_in_ranks(cdf, lowest, highest, k):
     """P(all k draws from pi have a rank in [lowest, highest]), where cdf[:, m] = P(rank < m);
@@ -1855,10 +1853,7 @@ def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3, loss_fn=irepo
     first, second = pair_indices(log_ref.shape[-1])
     logits = log_ref.clone().requires_grad_(True)
     for _ in range(rounds):
-        if weights_fn:
-            weights = weights_fn(torch.log_softmax(logits, -1).detach())
-        else:
-            weights = 1.0
+        weights = weights_fn(torch.log_softmax(logits, -1).detach()) if weights_fn else 1.0
         optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12,
                                       tolerance_change=1e-16, history_size=50,
                                       line_search_fn="strong_wolfe")
@@ -1878,28 +1873,24 @@ def exact_targets(rewards):
     first, second = pair_indices(rewards.shape[-1])
     return preference_logit(torch.sigmoid(rewards[:, first] - rewards[:, second]))
 
-def theory_soft_dpo(betas=(0.1, 0.5, 1.0)):
-    """Claim 1, for DPO on soft labels: with exact preferences (uniform pairs) its minimizer is
-    iREPO's, pi*. Returns {beta: max |log pi - log pi*|}."""
-    log_ref, rewards = tabular_world(0)
-    errors = {}
-    for beta in betas:
-        log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, loss_fn=soft_dpo_loss)
-        errors[beta] = float((log_pi - optimal_policy(log_ref, rewards, beta)).abs().max())
-    return errors
-
-def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst")):
+def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst"),
+                      loss_fn=irepo_loss):
     """Claim 1: with exact preferences the minimizer is pi*. Returns {(beta, scheme): error}."""
     log_ref, rewards = tabular_world(0)
     errors = {}
     for beta in betas:
         for scheme in schemes:
-            def weights_fn(log_pi):
-                return pair_weights(scheme, log_pi, rewards)
-            log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, weights_fn)
+            weights_fn = functools.partial(pair_weights, scheme, rewards=rewards)  # of log pi
+            log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, weights_fn, loss_fn=loss_fn)
             error = (log_pi - optimal_policy(log_ref, rewards, beta)).abs().max()
             errors[beta, scheme] = float(error)
     return errors
+
+def theory_soft_dpo(betas=(0.1, 0.5, 1.0)):
+    """Claim 1, for DPO on soft labels: with exact preferences (uniform pairs) its minimizer is
+    iREPO's, pi*. Returns {beta: max |log pi - log pi*|}."""
+    errors = theory_optimality(betas, ("uniform",), soft_dpo_loss)
+    return {beta: error for (beta, _), error in errors.items()}
 
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
     """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), J(pi*) - J(pi_N) =
@@ -1916,12 +1907,9 @@ def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5)
             targets = preference_logit(empirical_preference(votes, n, smoothing))
             log_pi = fit_tabular(log_ref, targets, beta, rounds=1)
             suboptimality[n].append(float((beta * kl(log_pi, log_optimal)).mean()))
-    summary = {}
-    for n, per_world in suboptimality.items():
-        mean = float(torch.tensor(per_world).mean())
-        stderr = float(torch.tensor(per_world).std()) / seeds ** 0.5
-        summary[n] = (mean, stderr)
-    return summary
+    return {n: (float(torch.tensor(per_world).mean()),
+                float(torch.tensor(per_world).std()) / seeds ** 0.5)  # (mean, stderr)
+            for n, per_world in suboptimality.items()}
 
 def theory_iterations(ts=(1, 2, 3), beta=1.0):
     """Claim 3: T exact iterations with reference pi_t reach pi_0 exp(T r / beta) / Z.
