@@ -27,22 +27,9 @@ Run it:
       --prompts uf.jsonl               # 8 GPUs
   python -m pytest -q test_irepo.py    # the tests
 
-Deliberate deviations from the paper (the README explains each):
-  1. The loss and the loop are reconstructed from the abstract, reviews and public artifacts.
-  2. `smoothing` (0.5) pseudo-votes are added to each ordered pair (Haldane-Anscombe), so that a
-     unanimous panel has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
-  3. The label is our reading of the paper's Zermelo construction (Sec. 4.1, as its reviewers
-     quote it). It reuses the votes that chose the pair, so it is biased towards decisive pairs
-     (the winner's curse, --theory claim 5); --label votes takes the pair's own vote share, and
-     --label fresh asks the panel again about the chosen pair. All K tied: still a pair.
-  4. The default panel is simulated (Bradley-Terry voters who like positive words), so that the
-     true reward is known; the LLM presets use a public DeBERTa reward model (the paper's unknown).
-  5. Log-probabilities are summed over response tokens and scored at temperature 1, whatever the
-     sampling temperature; dropout is zeroed so that pi_theta = pi_t at the first step.
-  6. IPO is run as the same squared loss with the constant target 1/2 on the h scale (h includes
-     beta), i.e. IPO's loss times beta^2, so that one learning rate serves all the losses.
-  7. Where the paper is silent (K, lengths, temperature) the presets choose; LoRA follows the
-     authors' public sibling runs, r = alpha = 128 (README).
+Deliberate deviations from the paper (smoothing, the Zermelo label and its winner's curse, the
+simulated panel, scoring at temperature 1, IPO on the h scale, LoRA): README, 'Deviations
+from the paper', which says what we do and why, item by item.
 """
 
 import contextlib
