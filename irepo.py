@@ -122,16 +122,14 @@ def preference_logit(p):
     return torch.log(p) - torch.log1p(-p)
 
 def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
-    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts.
+    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts, by Zermelo's
+    (1929) fixed point, the MM algorithm: gamma_i <- W_i / sum_j [games_ij / (gamma_i + gamma_j)].
 
     Args:
         wins: (..., K, K); wins[..., i, j] = votes for i over j (may be fractional).
         prior: pseudo-votes added to every ordered pair, so an undefeated response gets a
             finite score (the MLE alone would send it to infinity).
-    Returns:
-        (..., K) log-strengths, centred to mean 0. Fitted by Zermelo's (1929) fixed point,
-        the MM algorithm: gamma_i <- W_i / sum_j [games_ij / (gamma_i + gamma_j)].
-    """
+    Returns: (..., K) log-strengths, centred to mean 0."""
     K = wins.shape[-1]
     off_diagonal = 1.0 - torch.eye(K, dtype=torch.float64)
     votes = (wins.double() + prior) * off_diagonal  # (..., K, K)
@@ -151,11 +149,8 @@ def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
 # worst; logratio = log pi_theta(y|x) - log pi_t(y|x), summed over response tokens, and
 # h = beta * (logratio_a - logratio_b) is the implicit reward pairwise difference.
 def irepo_loss(logratio_a, logratio_b, target_logit, beta):
-    """iREPO: squared error between the implicit reward difference and logit p_hat(a > b).
-
-    Args: logratio_a (best), logratio_b (worst), target_logit = logit p_hat(a > b): (P,);
-        beta > 0.
-    Returns: (P,) losses  (beta * [logratio_a - logratio_b] - logit p_hat)^2.
+    """iREPO: the squared error (beta * [logratio_a - logratio_b] - logit p_hat(a > b))^2, (P,)
+    losses of logratio_a (best), logratio_b (worst) and target_logit = logit p_hat, each (P,).
     Its minimizer, with exact preferences, is pi_ref * exp(r / beta) / Z (see --theory)."""
     return (beta * (logratio_a - logratio_b) - target_logit) ** 2
 
@@ -1862,10 +1857,8 @@ def main(argv=None):
 # PART III. THE THEORY, CHECKED NUMERICALLY, AND THE LOSSES COMPARED.
 # =============================================================================================
 
-# --- The theory, checked numerically (python irepo.py --theory). A tabular world where everything
-# is exact: X prompts, Y responses each, a reference pi_ref, true rewards, Bradley-Terry
-# preferences P(i > j) = sigma(reward_i - reward_j), and a policy that is a table of logits. It
-# runs through the same irepo_loss, empirical_preference, preference_logit and zermelo_scores.
+# --- The theory, checked numerically (python irepo.py --theory), in the README's tabular world:
+# X prompts, Y responses each, Bradley-Terry preferences, a policy that is a table of logits.
 def tabular_world(seed, prompts=4, responses=6):
     """log pi_ref (X, Y) and true rewards (X, Y), float64, drawn from a seeded normal."""
     generator = torch.Generator().manual_seed(seed)
@@ -2126,10 +2119,8 @@ def theory_report():
     print_label_table()
     print(f"\n(theory checks took {time.time() - start:.1f}s)")
 
-# --- The losses compared (python irepo.py --compare): the reward-KL frontier of the DPO paper's
-# controlled sentiment experiment, on the tiny world. Each curve (a loss and a label) runs over a
-# grid of beta (chosen so that the KL ranges overlap) and several seeds; every iteration of every
-# run is a point (KL to pi_0, true reward); a curve is better where it lies above the others.
+# --- The losses compared (python irepo.py --compare): the reward-KL frontier (README). Each curve
+# (a loss and a label) runs over a grid of beta, chosen so that the KL ranges overlap, and seeds.
 COMPARE_CURVES = {  # curve: (loss, label, betas)
     "irepo": ("irepo", "zermelo", (0.5, 2.0)),
     "irepo-fresh": ("irepo", "fresh", (0.5, 2.0)),
