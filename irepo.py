@@ -361,20 +361,17 @@ def annotate(panel, prompts, texts, k, smoothing, label):
     prompt, grouped by prompt. Returns one dict per prompt: best and worst (indices among the
     k), votes_a (the pair's own votes for best), n_annotators, p_hat, target_logit = logit
     p_hat, the Zermelo scores and the label's kind (fresh votes come later, in fresh_votes)."""
-    index_pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    pair_prompts, pair_texts_a, pair_texts_b = [], [], []  # every pair of every prompt
-    for number, prompt in enumerate(prompts):
-        for i, j in index_pairs:
-            pair_prompts.append(prompt)
-            pair_texts_a.append(texts[number * k + i])
-            pair_texts_b.append(texts[number * k + j])
-    answers = panel.compare(pair_prompts, pair_texts_a, pair_texts_b, group=len(index_pairs))
+    first, second = torch.triu_indices(k, k, 1).tolist()  # the pairs i < j, (0, 1) first
+    # every pair of every prompt, a prompt's pairs together
+    pair_prompts = [prompt for prompt in prompts for _ in first]
+    pair_texts_a = [texts[number * k + i] for number in range(len(prompts)) for i in first]
+    pair_texts_b = [texts[number * k + j] for number in range(len(prompts)) for j in second]
+    answers = panel.compare(pair_prompts, pair_texts_a, pair_texts_b, group=len(first))
     n_annotators = answers.shape[1]  # answers: (prompts * pairs, N)
-    votes = answers.sum(-1).view(len(prompts), len(index_pairs))  # for the first of each pair
+    votes = answers.sum(-1).view(len(prompts), len(first))  # for the first of each pair
     wins = torch.zeros(len(prompts), k, k)  # wins[:, i, j]: votes for i over j
-    for column, (i, j) in enumerate(index_pairs):
-        wins[:, i, j] = votes[:, column]
-        wins[:, j, i] = n_annotators - votes[:, column]
+    wins[:, first, second] = votes
+    wins[:, second, first] = n_annotators - votes
     scores, best, worst = rank_responses(wins, smoothing)  # step 3: scores (prompts, k)
     rows = torch.arange(len(prompts))
     votes_best = wins[rows, best, worst]
@@ -555,16 +552,14 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): means of log p - log q over the held-out samples
     # that pi_t and pi_0 drew at temperature 1, so unbiased (a mean may be < 0 by chance). This
     # direction, the reverse of the objective's KL(pi || pi_ref), is the one whose samples we have.
-    kl_to_reference = (previous.kl_logps - batched_logprobs(
-        model, held_out.prompt_ids, previous.kl_responses, tokenizer.pad_token_id,
-        batch_size)).mean()
-    kl_to_initial = (held_out.initial.kl_logps - batched_logprobs(
-        model, held_out.prompt_ids, held_out.initial.kl_responses, tokenizer.pad_token_id,
-        batch_size)).mean()
+    def kl_from(earlier):  # earlier: the Samples of pi_t or pi_0
+        logps = batched_logprobs(model, held_out.prompt_ids, earlier.kl_responses,
+                                 tokenizer.pad_token_id, batch_size)  # log pi_{t+1}
+        return float((earlier.kl_logps - logps).mean())
     return dict(win_rate_vs_initial=float(win_rate),
                 true_reward=None if true_reward is None else float(true_reward.mean()),
-                kl_to_reference=float(kl_to_reference),
-                kl_to_initial=float(kl_to_initial)), current
+                kl_to_reference=kl_from(previous),
+                kl_to_initial=kl_from(held_out.initial)), current
 
 # --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
 # and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
@@ -1126,10 +1121,8 @@ class LoRALinear(torch.nn.Module):
 
     def add_adapter(self, rank, alpha):
         """A fresh adapter, B = 0: the layer computes exactly what it did before."""
-        if self.transposed:
-            d_in, d_out = self.base.weight.shape
-        else:
-            d_out, d_in = self.base.weight.shape
+        weight = self.base.weight.T if self.transposed else self.base.weight  # (out, in)
+        d_out, d_in = weight.shape
         self.scale = alpha / rank
         self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=self.base.weight.device))
         self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=self.base.weight.device))
