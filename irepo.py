@@ -13,9 +13,8 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   6. minimize  ( beta*[log pi/pi_t (best) - log pi/pi_t (worst)] - logit p_hat )^2 ;
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
-Part I is the method: the settings, the building blocks (soft labels, losses, log-probabilities,
-sampling, the panel), steps 1-7 of one iteration, the loop. Part II is the machinery, which
-changes nothing in the method; Part III checks the theory and compares the losses.
+Part I is the method (settings, building blocks, steps 1-7, the loop); Part II is the machinery,
+which changes nothing in the method; Part III checks the theory and compares the losses.
 
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
@@ -356,11 +355,9 @@ def rank_responses(wins, smoothing):
     return scores, best, worst
 
 def annotate(panel, prompts, texts, k, smoothing, label):
-    """Steps 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
-    them; the best-vs-worst pair and its soft label are kept. texts: the k responses of each
-    prompt, grouped by prompt. Returns one dict per prompt: best and worst (indices among the
-    k), votes_a (the pair's own votes for best), n_annotators, p_hat, target_logit = logit
-    p_hat, the Zermelo scores and the label's kind (fresh votes come later, in fresh_votes)."""
+    """Steps 2-4: every pair of each prompt's k responses (texts, grouped by prompt) goes to the
+    panel; Zermelo scores rank them; the best-vs-worst pair and its soft label are kept. Returns
+    one dict per prompt; best and worst are indices among the k, votes_a the pair's own votes."""
     first, second = torch.triu_indices(k, k, 1).tolist()  # the pairs i < j, (0, 1) first
     # every pair of every prompt, a prompt's pairs together
     pair_prompts = [prompt for prompt in prompts for _ in first]
