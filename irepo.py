@@ -109,11 +109,8 @@ PRESETS = {
 
 # --- Soft labels and ranking (used by steps 3-4).
 def empirical_preference(votes_a, n_annotators, smoothing=0.5):
-    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing).
-
-    The paper's p_hat is the plain mean of the N votes; with few annotators it is often 0 or 1,
-    whose logit is infinite. Adding half a vote to each side (Haldane-Anscombe) keeps it finite
-    and makes the bias of logit(p_hat) O(1/N^2) instead of O(1/N)."""
+    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing): the paper's mean of the N
+    votes, plus half a vote a side so that its logit is finite at 0 and N votes (README)."""
     return (votes_a + smoothing) / (n_annotators + 2 * smoothing)
 
 def preference_logit(p):
@@ -464,10 +461,9 @@ def reference_logprobs(model, rows, pad_id, batch_size):
 def fit(params, n, micro_loss, settings, desc, lengths=None):
     """The one training loop (step 6, and the SFT that makes pi_0): Adam, cosine schedule with
     linear warm-up, gradient clipping. Each epoch visits the n items in random order, batch_size
-    per optimizer step, accumulating micro_batch_size at a time; micro_loss(indices, epoch)
-    returns the summed loss of those items. With many processes each takes its share of every
-    batch, and their gradients are summed: every process takes the very same step. Given their
-    lengths, items of similar length share a micro-batch (less padding); the step is the same."""
+    per optimizer step, accumulating micro_batch_size at a time (of similar lengths, if given:
+    less padding, the same step); micro_loss(indices, epoch) returns those items' summed loss.
+    Many processes each take a share of every batch and take the same step (README)."""
     from transformers import get_cosine_schedule_with_warmup
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     for param in params:  # zeros, not None: a process whose share of a batch is empty adds zeros
