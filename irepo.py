@@ -391,8 +391,7 @@ def fresh_votes(panel, rows, smoothing):
         row.update(votes_a=votes_a, n_annotators=answers.shape[1], p_hat=p, target_logit=logit)
 
 def degenerate(text_a, text_b):
-    """Nothing can be learned from identical responses, or from empty ones (including responses
-    truncated to nothing)."""
+    """Nothing can be learned from identical responses, or empty ones (even truncated to nothing)."""
     return text_a == text_b or not text_a.strip() or not text_b.strip()
 
 def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
@@ -432,8 +431,7 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
 
 def without_ties(rows, loss):
     """DPO and IPO learn from a majority, and a pair with p_hat = 1/2 has none: they skip it
-    (counted in tied_pairs). The soft-label losses keep it, with target 0: an equal pair is
-    information."""
+    (counted in tied_pairs). The soft-label losses keep it, with target 0: equal is information."""
     if loss in ("irepo", "soft-dpo"):
         return rows, 0
     kept = [row for row in rows if abs(row["target_logit"]) > 1e-6]
