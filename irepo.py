@@ -391,7 +391,7 @@ def fresh_votes(panel, rows, smoothing):
         row.update(votes_a=votes_a, n_annotators=answers.shape[1], p_hat=p, target_logit=logit)
 
 def degenerate(text_a, text_b):
-    """Nothing can be learned from identical responses, or empty ones (even if truncated)."""
+    """Nothing can be learned from identical responses, or empty ones (truncated to nothing too)."""
     return text_a == text_b or not text_a.strip() or not text_b.strip()
 
 def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
