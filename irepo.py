@@ -157,9 +157,8 @@ def dpo_loss(logratio_a, logratio_b, target_logit, beta):
     return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
 
 def ipo_loss(logratio_a, logratio_b, target_logit, beta):
-    """IPO: the iREPO regression with a constant target 1/2 towards the majority winner. IPO's
-    own loss is (logratio_w - logratio_l - 1/(2 beta))^2; times beta^2 it is (h - 1/2)^2, so
-    that one learning rate serves all three losses. Returns: (P,) losses."""
+    """IPO: (h - 1/2)^2 towards the majority winner, IPO's own (logratio_w - logratio_l -
+    1/(2 beta))^2 times beta^2, so that one learning rate serves all the losses. Returns: (P,)."""
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
 
@@ -540,9 +539,8 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
-    # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): means of log p - log q over the held-out samples
-    # that pi_t and pi_0 drew at temperature 1, so unbiased (a mean may be < 0 by chance). This
-    # direction, the reverse of the objective's KL(pi || pi_ref), is the one whose samples we have.
+    # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): unbiased means of log p - log q over the samples
+    # that pi_t and pi_0 drew at temperature 1 (README, Metrics): the direction we have samples of.
     def kl_from(earlier):  # earlier: the Samples of pi_t or pi_0
         logps = batched_logprobs(model, held_out.prompt_ids, earlier.kl_responses,
                                  tokenizer.pad_token_id, batch_size)  # log pi_{t+1}
