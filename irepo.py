@@ -540,7 +540,7 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
     # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): unbiased means of log p - log q over the samples
-    # that pi_t and pi_0 drew at temperature 1 (README, Metrics): the direction we have samples of.
+    # that pi_t and pi_0 drew at temperature 1 (README): not the objective's KL(pi || pi_ref).
     def kl_from(earlier):  # earlier: the Samples of pi_t or pi_0
         logps = batched_logprobs(model, held_out.prompt_ids, earlier.kl_responses,
                                  tokenizer.pad_token_id, batch_size)  # log pi_{t+1}
