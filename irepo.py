@@ -13,9 +13,8 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
   6. minimize  ( beta*[log pi/pi_t (best) - log pi/pi_t (worst)] - logit p_hat )^2 ;
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
-Part I is the method: the settings, the building blocks (soft labels, losses, log-probabilities,
-sampling, the panel), steps 1-7 of one iteration, the loop. Part II is the machinery, which
-changes nothing in the method; Part III checks the theory and compares the losses.
+Part I is the method (settings, building blocks, steps 1-7, the loop); Part II is the machinery,
+which changes nothing in the method; Part III checks the theory and compares the losses.
 
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
@@ -27,22 +26,9 @@ Run it:
       --prompts uf.jsonl               # 8 GPUs
   python -m pytest -q test_irepo.py    # the tests
 
-Deliberate deviations from the paper (the README explains each):
-  1. The loss and the loop are reconstructed from the abstract, reviews and public artifacts.
-  2. `smoothing` (0.5) pseudo-votes are added to each ordered pair (Haldane-Anscombe), so that a
-     unanimous panel has a finite logit; the paper does not say how it handles p_hat in {0, 1}.
-  3. The label is our reading of the paper's Zermelo construction (Sec. 4.1, as its reviewers
-     quote it). It reuses the votes that chose the pair, so it is biased towards decisive pairs
-     (the winner's curse, --theory claim 5); --label votes takes the pair's own vote share, and
-     --label fresh asks the panel again about the chosen pair. All K tied: still a pair.
-  4. The default panel is simulated (Bradley-Terry voters who like positive words), so that the
-     true reward is known; the LLM presets use a public DeBERTa reward model (the paper's unknown).
-  5. Log-probabilities are summed over response tokens and scored at temperature 1, whatever the
-     sampling temperature; dropout is zeroed so that pi_theta = pi_t at the first step.
-  6. IPO is run as the same squared loss with the constant target 1/2 on the h scale (h includes
-     beta), i.e. IPO's loss times beta^2, so that one learning rate serves all the losses.
-  7. Where the paper is silent (K, lengths, temperature) the presets choose; LoRA follows the
-     authors' public sibling runs, r = alpha = 128 (README).
+Deliberate deviations from the paper (smoothing, the Zermelo label and its winner's curse, the
+simulated panel, scoring at temperature 1, IPO on the h scale, LoRA): README, 'Deviations
+from the paper', which says what we do and why, item by item.
 """
 
 import contextlib
@@ -123,11 +109,8 @@ PRESETS = {
 
 # --- Soft labels and ranking (used by steps 3-4).
 def empirical_preference(votes_a, n_annotators, smoothing=0.5):
-    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing).
-
-    The paper's p_hat is the plain mean of the N votes; with few annotators it is often 0 or 1,
-    whose logit is infinite. Adding half a vote to each side (Haldane-Anscombe) keeps it finite
-    and makes the bias of logit(p_hat) O(1/N^2) instead of O(1/N)."""
+    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing): the paper's mean of the N
+    votes, plus half a vote a side so that its logit is finite at 0 and N votes (README)."""
     return (votes_a + smoothing) / (n_annotators + 2 * smoothing)
 
 def preference_logit(p):
@@ -135,16 +118,14 @@ def preference_logit(p):
     return torch.log(p) - torch.log1p(-p)
 
 def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
-    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts.
+    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts, by Zermelo's
+    (1929) fixed point, the MM algorithm: gamma_i <- W_i / sum_j [games_ij / (gamma_i + gamma_j)].
 
     Args:
         wins: (..., K, K); wins[..., i, j] = votes for i over j (may be fractional).
         prior: pseudo-votes added to every ordered pair, so an undefeated response gets a
             finite score (the MLE alone would send it to infinity).
-    Returns:
-        (..., K) log-strengths, centred to mean 0. Fitted by Zermelo's (1929) fixed point,
-        the MM algorithm: gamma_i <- W_i / sum_j [games_ij / (gamma_i + gamma_j)].
-    """
+    Returns: (..., K) log-strengths, centred to mean 0."""
     K = wins.shape[-1]
     off_diagonal = 1.0 - torch.eye(K, dtype=torch.float64)
     votes = (wins.double() + prior) * off_diagonal  # (..., K, K)
@@ -164,11 +145,8 @@ def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
 # worst; logratio = log pi_theta(y|x) - log pi_t(y|x), summed over response tokens, and
 # h = beta * (logratio_a - logratio_b) is the implicit reward pairwise difference.
 def irepo_loss(logratio_a, logratio_b, target_logit, beta):
-    """iREPO: squared error between the implicit reward difference and logit p_hat(a > b).
-
-    Args: logratio_a (best), logratio_b (worst), target_logit = logit p_hat(a > b): (P,);
-        beta > 0.
-    Returns: (P,) losses  (beta * [logratio_a - logratio_b] - logit p_hat)^2.
+    """iREPO: the squared error (beta * [logratio_a - logratio_b] - logit p_hat(a > b))^2, (P,)
+    losses of logratio_a (best), logratio_b (worst) and target_logit = logit p_hat, each (P,).
     Its minimizer, with exact preferences, is pi_ref * exp(r / beta) / Z (see --theory)."""
     return (beta * (logratio_a - logratio_b) - target_logit) ** 2
 
@@ -179,9 +157,8 @@ def dpo_loss(logratio_a, logratio_b, target_logit, beta):
     return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
 
 def ipo_loss(logratio_a, logratio_b, target_logit, beta):
-    """IPO: the iREPO regression with a constant target 1/2 towards the majority winner. IPO's
-    own loss is (logratio_w - logratio_l - 1/(2 beta))^2; times beta^2 it is (h - 1/2)^2, so
-    that one learning rate serves all three losses. Returns: (P,) losses."""
+    """IPO: (h - 1/2)^2 towards the majority winner, IPO's own (logratio_w - logratio_l -
+    1/(2 beta))^2 times beta^2, so that one learning rate serves all the losses. Returns: (P,)."""
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
 
@@ -374,25 +351,20 @@ def rank_responses(wins, smoothing):
     return scores, best, worst
 
 def annotate(panel, prompts, texts, k, smoothing, label):
-    """Steps 2-4: every pair of each prompt's k responses goes to the panel; Zermelo scores rank
-    them; the best-vs-worst pair and its soft label are kept. texts: the k responses of each
-    prompt, grouped by prompt. Returns one dict per prompt: best and worst (indices among the
-    k), votes_a (the pair's own votes for best), n_annotators, p_hat, target_logit = logit
-    p_hat, the Zermelo scores and the label's kind (fresh votes come later, in fresh_votes)."""
-    index_pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
-    pair_prompts, pair_texts_a, pair_texts_b = [], [], []  # every pair of every prompt
-    for number, prompt in enumerate(prompts):
-        for i, j in index_pairs:
-            pair_prompts.append(prompt)
-            pair_texts_a.append(texts[number * k + i])
-            pair_texts_b.append(texts[number * k + j])
-    answers = panel.compare(pair_prompts, pair_texts_a, pair_texts_b, group=len(index_pairs))
+    """Steps 2-4: every pair of each prompt's k responses (texts, grouped by prompt) goes to the
+    panel; Zermelo scores rank them; the best-vs-worst pair and its soft label are kept. Returns
+    one dict per prompt; best and worst are indices among the k, votes_a the pair's own votes."""
+    first, second = torch.triu_indices(k, k, 1).tolist()  # the pairs i < j, (0, 1) first
+    # every pair of every prompt, a prompt's pairs together
+    pair_prompts = [prompt for prompt in prompts for _ in first]
+    pair_texts_a = [texts[number * k + i] for number in range(len(prompts)) for i in first]
+    pair_texts_b = [texts[number * k + j] for number in range(len(prompts)) for j in second]
+    answers = panel.compare(pair_prompts, pair_texts_a, pair_texts_b, group=len(first))
     n_annotators = answers.shape[1]  # answers: (prompts * pairs, N)
-    votes = answers.sum(-1).view(len(prompts), len(index_pairs))  # for the first of each pair
+    votes = answers.sum(-1).view(len(prompts), len(first))  # for the first of each pair
     wins = torch.zeros(len(prompts), k, k)  # wins[:, i, j]: votes for i over j
-    for column, (i, j) in enumerate(index_pairs):
-        wins[:, i, j] = votes[:, column]
-        wins[:, j, i] = n_annotators - votes[:, column]
+    wins[:, first, second] = votes
+    wins[:, second, first] = n_annotators - votes
     scores, best, worst = rank_responses(wins, smoothing)  # step 3: scores (prompts, k)
     rows = torch.arange(len(prompts))
     votes_best = wins[rows, best, worst]
@@ -418,8 +390,7 @@ def fresh_votes(panel, rows, smoothing):
         row.update(votes_a=votes_a, n_annotators=answers.shape[1], p_hat=p, target_logit=logit)
 
 def degenerate(text_a, text_b):
-    """Nothing can be learned from identical responses, or from empty ones (including responses
-    truncated to nothing)."""
+    """Nothing can be learned from identical responses, or empty ones (truncated to nothing too)."""
     return text_a == text_b or not text_a.strip() or not text_b.strip()
 
 def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
@@ -459,8 +430,7 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
 
 def without_ties(rows, loss):
     """DPO and IPO learn from a majority, and a pair with p_hat = 1/2 has none: they skip it
-    (counted in tied_pairs). The soft-label losses keep it, with target 0: an equal pair is
-    information."""
+    (counted in tied_pairs). The soft-label losses keep it, with target 0: equal is information."""
     if loss in ("irepo", "soft-dpo"):
         return rows, 0
     kept = [row for row in rows if abs(row["target_logit"]) > 1e-6]
@@ -488,10 +458,9 @@ def reference_logprobs(model, rows, pad_id, batch_size):
 def fit(params, n, micro_loss, settings, desc, lengths=None):
     """The one training loop (step 6, and the SFT that makes pi_0): Adam, cosine schedule with
     linear warm-up, gradient clipping. Each epoch visits the n items in random order, batch_size
-    per optimizer step, accumulating micro_batch_size at a time; micro_loss(indices, epoch)
-    returns the summed loss of those items. With many processes each takes its share of every
-    batch, and their gradients are summed: every process takes the very same step. Given their
-    lengths, items of similar length share a micro-batch (less padding); the step is the same."""
+    per optimizer step, accumulating micro_batch_size at a time (of similar lengths, if given:
+    less padding, the same step); micro_loss(indices, epoch) returns those items' summed loss.
+    Many processes each take a share of every batch and take the same step (README)."""
     from transformers import get_cosine_schedule_with_warmup
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     for param in params:  # zeros, not None: a process whose share of a batch is empty adds zeros
@@ -570,19 +539,16 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
-    # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): means of log p - log q over the held-out samples
-    # that pi_t and pi_0 drew at temperature 1, so unbiased (a mean may be < 0 by chance). This
-    # direction, the reverse of the objective's KL(pi || pi_ref), is the one whose samples we have.
-    kl_to_reference = (previous.kl_logps - batched_logprobs(
-        model, held_out.prompt_ids, previous.kl_responses, tokenizer.pad_token_id,
-        batch_size)).mean()
-    kl_to_initial = (held_out.initial.kl_logps - batched_logprobs(
-        model, held_out.prompt_ids, held_out.initial.kl_responses, tokenizer.pad_token_id,
-        batch_size)).mean()
+    # KL(pi_t || pi_{t+1}), KL(pi_0 || pi_{t+1}): unbiased means of log p - log q over the samples
+    # that pi_t and pi_0 drew at temperature 1 (README): not the objective's KL(pi || pi_ref).
+    def kl_from(earlier):  # earlier: the Samples of pi_t or pi_0
+        logps = batched_logprobs(model, held_out.prompt_ids, earlier.kl_responses,
+                                 tokenizer.pad_token_id, batch_size)  # log pi_{t+1}
+        return float((earlier.kl_logps - logps).mean())
     return dict(win_rate_vs_initial=float(win_rate),
                 true_reward=None if true_reward is None else float(true_reward.mean()),
-                kl_to_reference=float(kl_to_reference),
-                kl_to_initial=float(kl_to_initial)), current
+                kl_to_reference=kl_from(previous),
+                kl_to_initial=kl_from(held_out.initial)), current
 
 # --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
 # and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
@@ -1143,10 +1109,8 @@ class LoRALinear(torch.nn.Module):
 
     def add_adapter(self, rank, alpha):
         """A fresh adapter, B = 0: the layer computes exactly what it did before."""
-        if self.transposed:
-            d_in, d_out = self.base.weight.shape
-        else:
-            d_out, d_in = self.base.weight.shape
+        weight = self.base.weight.T if self.transposed else self.base.weight  # (out, in)
+        d_out, d_in = weight.shape
         self.scale = alpha / rank
         self.A = torch.nn.Parameter(torch.empty(rank, d_in, device=self.base.weight.device))
         self.B = torch.nn.Parameter(torch.zeros(d_out, rank, device=self.base.weight.device))
@@ -1874,10 +1838,8 @@ def main(argv=None):
 # PART III. THE THEORY, CHECKED NUMERICALLY, AND THE LOSSES COMPARED.
 # =============================================================================================
 
-# --- The theory, checked numerically (python irepo.py --theory). A tabular world where everything
-# is exact: X prompts, Y responses each, a reference pi_ref, true rewards, Bradley-Terry
-# preferences P(i > j) = sigma(reward_i - reward_j), and a policy that is a table of logits. It
-# runs through the same irepo_loss, empirical_preference, preference_logit and zermelo_scores.
+# --- The theory, checked numerically (python irepo.py --theory), in the README's tabular world:
+# X prompts, Y responses each, Bradley-Terry preferences, a policy that is a table of logits.
 def tabular_world(seed, prompts=4, responses=6):
     """log pi_ref (X, Y) and true rewards (X, Y), float64, drawn from a seeded normal."""
     generator = torch.Generator().manual_seed(seed)
@@ -2138,10 +2100,8 @@ def theory_report():
     print_label_table()
     print(f"\n(theory checks took {time.time() - start:.1f}s)")
 
-# --- The losses compared (python irepo.py --compare): the reward-KL frontier of the DPO paper's
-# controlled sentiment experiment, on the tiny world. Each curve (a loss and a label) runs over a
-# grid of beta (chosen so that the KL ranges overlap) and several seeds; every iteration of every
-# run is a point (KL to pi_0, true reward); a curve is better where it lies above the others.
+# --- The losses compared (python irepo.py --compare): the reward-KL frontier (README). Each curve
+# (a loss and a label) runs over a grid of beta, chosen so that the KL ranges overlap, and seeds.
 COMPARE_CURVES = {  # curve: (loss, label, betas)
     "irepo": ("irepo", "zermelo", (0.5, 2.0)),
     "irepo-fresh": ("irepo", "fresh", (0.5, 2.0)),
