@@ -990,7 +990,8 @@ def load_policy(args, device, folder):
 
 def one_row_works(model, pairs, pad_id):
     """Whether the model scores pairs in one row as in two (pair_logprobs), to 1e-4 a token (1e-2
-    in 16 bits), asked once per model, of its first pairs; if not, one line says so."""
+    in 16 bits, rounded differently in each layout): a model may refuse a 4-D mask, or ignore it.
+    Asked once per model, of its first pairs; if not, one line says so."""
     if not hasattr(model, "one_row"):
         try:
             with torch.no_grad():

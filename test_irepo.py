@@ -256,9 +256,9 @@ def tiny_pair_model(kind, vocab_size=40):
                  eos_token_id=1, bos_token_id=1)
     if kind == "phi":
         return PhiForCausalLM(PhiConfig(**sizes)).eval()
-    if kind == "mistral":
-        return MistralForCausalLM(MistralConfig(num_key_value_heads=2, **sizes)).eval()
-    return Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **sizes)).eval()
+    builders = {"mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config, model = builders[kind]
+    return model(config(num_key_value_heads=2, **sizes)).eval()
 
 
 def random_pairs(lengths, vocab_size=40, seed=0):
