@@ -174,100 +174,62 @@ LOSSES = {"irepo": irepo_loss, "dpo": dpo_loss, "ipo": ipo_loss, "soft-dpo": sof
 
 # --- Log-probabilities (used by steps 5-7). The one place that owns padding, positions, shifting,
 # masking and the fp32 upcast.
-def lay_out(prompt_ids, a_ids, b_ids, pad_id, device):
-    """Lay out rows as [pad.. prompt | a | b ..pad], one response when b is empty: prompts
-    left-padded (as generate() sees them), so that every a starts in one column, the width
-    trimmed to this batch's longest row. b's positions restart at the prompt's end, as if a
-    were not there. Returns input_ids, position_ids and segment (B, W), segment 0 on pads, 1 on
-    the prompt, 2 on a, 3 on b; labels (B, W, 2): each token of a and of b in the column whose
-    logit predicts it (the prompt's last predicts both first tokens), else -1."""
-    prompt_width = max(len(prompt) for prompt in prompt_ids)
-    width = prompt_width + max(len(a) + len(b) for a, b in zip(a_ids, b_ids))
-    input_ids = torch.full((len(prompt_ids), width), pad_id)
-    position_ids = torch.zeros_like(input_ids)
-    segment = torch.zeros_like(input_ids)
-    labels = torch.full((len(prompt_ids), width, 2), -1)
-    for i, (prompt, a, b) in enumerate(zip(prompt_ids, a_ids, b_ids)):
-        start, b_start = prompt_width - len(prompt), prompt_width + len(a)
-        end = b_start + len(b)
-        input_ids[i, start:end] = torch.tensor(prompt + a + b, dtype=torch.long)
-        segment[i, start:end] = torch.tensor([1] * len(prompt) + [2] * len(a) + [3] * len(b))
-        position_ids[i, start:end] = torch.tensor([*range(len(prompt) + len(a)),
-                                                   *range(len(prompt), len(prompt) + len(b))])
-        labels[i, prompt_width - 1:b_start - 1, 0] = torch.tensor(a, dtype=torch.long)
-        b_columns = [prompt_width - 1, *range(b_start, end - 1)][:len(b)]
-        labels[i, b_columns, 1] = torch.tensor(b, dtype=torch.long)
-    return input_ids.to(device), position_ids.to(device), segment.to(device), labels
-
 def collate(prompt_ids, response_ids, pad_id, device):
-    """Lay out rows as [pad.. prompt | response ..pad] (lay_out without b). Returns input_ids,
-    attention_mask (1 on real tokens), response_mask (1 on response tokens), each (B, W)."""
-    no_b = [[]] * len(prompt_ids)
-    input_ids, _, segment, _ = lay_out(prompt_ids, response_ids, no_b, pad_id, device)
-    return input_ids, (segment > 0).long(), (segment == 2).long()
+    """Lay out rows as [pad.. prompt | response ..pad]: prompts left-padded (as generate() sees
+    them), responses right-padded, the width trimmed to this batch's longest prompt and response.
+    Returns input_ids, attention_mask, response_mask, each (B, prompt_width + response_width)."""
+    prompt_width = max(len(prompt) for prompt in prompt_ids)
+    response_width = max(1, max(len(response) for response in response_ids))
+    shape = (len(prompt_ids), prompt_width + response_width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros_like(input_ids)
+    for i, (prompt, response) in enumerate(zip(prompt_ids, response_ids)):
+        start, end = prompt_width - len(prompt), prompt_width + len(response)
+        input_ids[i, start:end] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask[i, start:end] = 1
+        response_mask[i, prompt_width:end] = 1
+    return input_ids.to(device), attention_mask.to(device), response_mask.to(device)
 
 def left_pad(prompt_ids, pad_id, device):
     """Prompts alone, left-padded to a common length: input_ids and attention_mask (B, P)."""
-    return collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)[:2]
+    input_ids, attention_mask, _ = collate(prompt_ids, [[]] * len(prompt_ids), pad_id, device)
+    return input_ids[:, :-1], attention_mask[:, :-1]  # collate leaves one response slot
 
-def last_logits(model, input_ids, attention_mask, keep, position_ids=None):
-    """The logits of the last `keep` positions, (B, keep, V). Unless given, positions count the
-    real tokens of left-padded rows only, so a padded row is scored exactly as it would be
-    alone; without this, HF models number the pads and shift every position."""
-    if position_ids is None:
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+def last_logits(model, input_ids, attention_mask, keep):
+    """The logits of the last `keep` positions, (B, keep, V), of left-padded rows. Positions
+    count real tokens only, so a padded row is scored exactly as it would be alone; without
+    this, HF models number the pads and shift every position."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                  logits_to_keep=keep, use_cache=False).logits
 
-def response_logprobs(model, input_ids, attention_mask, labels, position_ids=None):
-    """log pi(y|x) summed over each response's tokens, (B, R) float32, of rows holding R
-    responses: input_ids (B, W); attention_mask (B, W), or (B, 1, W, W) for pairs; labels
-    (B, W, R): the token of response r that the logit at a column predicts, else -1."""
-    # Responses sit at the right, so only the columns from the first one that predicts a
-    # response token need the LM head: this skips the (B, W, V) logits of the prompts.
+def sequence_logprobs(model, input_ids, attention_mask, response_mask):
+    """log pi(y|x) summed over the response tokens, one value per row.
+
+    Args:
+        input_ids, attention_mask, response_mask: (B, W); response_mask is 1 on response tokens.
+    Returns:
+        (B,) float32 sums of log pi(token | everything before it) over the response tokens.
+    """
+    # The logit at position i predicts token i+1. Responses sit at the right, so only the last
+    # `keep` positions need the LM head: this skips the (B, W, V) logits of the prompts.
     width = input_ids.shape[1]
-    predicts = (labels >= 0).any(-1).any(0)  # (W,)
-    first = int(predicts.float().argmax()) if predicts.any() else width - 1
-    logits = last_logits(model, input_ids, attention_mask, width - first, position_ids)
-    targets = labels[:, first:].to(logits.device)  # (B, W - first, R)
+    if response_mask.any():
+        first = int(response_mask.any(0).float().argmax())  # the first response column
+    else:
+        first = width - 1
+    first = max(first, 1)  # token 0 has nothing before it to predict it
+    keep = width - first + 1
+    logits = last_logits(model, input_ids, attention_mask, keep)[:, :-1]  # (B, W - first, V)
+    targets = input_ids[:, first:]  # (B, W - first)
+    mask = response_mask[:, first:].bool()
     # log softmax of the chosen token = its logit - logsumexp(all logits), in fp32. Gathering
     # first avoids a full (B, W, V) fp32 log-softmax; the upcast is one row at a time.
-    chosen = logits.gather(-1, targets.clamp(min=0)).float()  # (B, W - first, R)
+    chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()  # (B, W - first)
     logsumexp = torch.stack([torch.logsumexp(row.float(), dim=-1) for row in logits])
-    token_logps = chosen - logsumexp.unsqueeze(-1)
-    return torch.where(targets >= 0, token_logps, 0.0).sum(1)  # where, not *: pads may be nan
-
-def sequence_logprobs(model, input_ids, attention_mask, response_mask):
-    """log pi(y|x) summed over the response tokens, (B,) float32, of the rows that collate lays
-    out: input_ids, attention_mask, response_mask (B, W)."""
-    labels = torch.where(response_mask[:, 1:].bool(), input_ids[:, 1:], -1)
-    labels = F.pad(labels, (0, 1), value=-1)  # the logit at column c predicts token c + 1
-    return response_logprobs(model, input_ids, attention_mask, labels[..., None])[:, 0]
-
-def pair_logprobs(model, pairs, pad_id, one_row=None):
-    """log pi(a|x) and log pi(b|x), (P,) each, of pairs (dicts with prompt_ids, a_ids, b_ids):
-    one row a pair, or two, [prompt | a] and [prompt | b]; unset, as one_row_works() finds."""
-    prompt_ids = [pair["prompt_ids"] for pair in pairs]
-    a_ids, b_ids = [pair["a_ids"] for pair in pairs], [pair["b_ids"] for pair in pairs]
-    if one_row is None:
-        one_row = one_row_works(model, pairs, pad_id)
-    if not one_row:
-        batch = collate(prompt_ids * 2, a_ids + b_ids, pad_id, model.device)
-        return sequence_logprobs(model, *batch).split(len(pairs))
-    input_ids, position_ids, segment, labels = lay_out(prompt_ids, a_ids, b_ids, pad_id,
-                                                       model.device)
-    # A query sees the keys before it in the prompt and in its own segment: b never sees a, and
-    # a pad sees itself (a query that sees nothing is NaN in some SDPA kernels, and backward
-    # spreads it). For a prompt x1 x2 (1: the query in that row sees the key in that column):
-    #           x1 x2 a1 a2 b1
-    #       x1   1                  positions: 0 1 2 3 2
-    #       x2   1  1               x2's logit predicts both a1 and b1
-    #       a1   1  1  1
-    #       a2   1  1  1  1
-    #       b1   1  1  .  .  1
-    own = segment[:, :, None] == segment[:, None, :]  # (P, W, W): query, key
-    sees = (own | (segment == 1)[:, None, :]).tril()  # True: the query sees the key
-    return response_logprobs(model, input_ids, sees[:, None], labels, position_ids).unbind(-1)
+    token_logps = torch.where(mask, chosen - logsumexp, 0.0)  # where, not *: pad logits may be nan
+    return token_logps.sum(-1)
 
 @torch.no_grad()  # frozen: the reference pi_t and every evaluation
 def batched_logprobs(model, prompt_ids, response_ids, pad_id, batch_size):
@@ -437,30 +399,24 @@ def without_ties(rows, loss):
     return kept, len(rows) - len(kept)
 
 # --- Steps 5-6: the reference log-probs, then the regression.
-@torch.no_grad()  # frozen: pi_t
 def reference_logprobs(model, rows, pad_id, batch_size):
     """Step 5: log pi_t of both responses of every pair, once, without gradients: the only trace
-    of the reference pi_t (no second model in memory), saved with the pairs for anyone to check.
-    Pairs of similar length are scored together (less padding); each process scores its share."""
-    lengths = [len(row["prompt_ids"]) + len(row["a_ids"]) + len(row["b_ids"]) for row in rows]
-    order = sorted(range(len(rows)), key=lambda i: lengths[i])
-    my_pairs = shard([rows[i] for i in order])  # this process's share, shortest first
-    logps = []  # [log pi_t(a|x), log pi_t(b|x)] of each pair
-    for start in range(0, len(my_pairs), batch_size):
-        batch = my_pairs[start:start + batch_size]
-        logps += torch.stack(pair_logprobs(model, batch, pad_id), -1).tolist()
-    reference = torch.zeros(len(rows), 2)
-    reference[order] = torch.tensor(gather(logps)).view(-1, 2)  # back in the order of the rows
-    for row, (logp_a, logp_b) in zip(rows, reference.tolist()):
+    of the reference pi_t (no second model in memory), saved with the pairs for anyone to check."""
+    prompt_ids = [row["prompt_ids"] for row in rows]
+    reference_a = batched_logprobs(model, prompt_ids, [row["a_ids"] for row in rows], pad_id,
+                                   batch_size)
+    reference_b = batched_logprobs(model, prompt_ids, [row["b_ids"] for row in rows], pad_id,
+                                   batch_size)
+    for row, logp_a, logp_b in zip(rows, reference_a.tolist(), reference_b.tolist()):
         row.update(logp_ref_a=logp_a, logp_ref_b=logp_b)
-    return reference.unbind(-1)
+    return reference_a, reference_b
 
-def fit(params, n, micro_loss, settings, desc, lengths=None):
+def fit(params, n, micro_loss, settings, desc):
     """The one training loop (step 6, and the SFT that makes pi_0): Adam, cosine schedule with
     linear warm-up, gradient clipping. Each epoch visits the n items in random order, batch_size
-    per optimizer step, accumulating micro_batch_size at a time (of similar lengths, if given:
-    less padding, the same step); micro_loss(indices, epoch) returns those items' summed loss.
-    Many processes each take a share of every batch and take the same step (README)."""
+    per optimizer step, accumulating micro_batch_size at a time; micro_loss(indices, epoch)
+    returns those items' summed loss. Many processes each take a share of every batch and take
+    the same step (README)."""
     from transformers import get_cosine_schedule_with_warmup
     optimizer = torch.optim.Adam(params, lr=settings.lr)
     for param in params:  # zeros, not None: a process whose share of a batch is empty adds zeros
@@ -473,8 +429,6 @@ def fit(params, n, micro_loss, settings, desc, lengths=None):
             for start in range(0, n, settings.batch_size):
                 batch = order[start:start + settings.batch_size]
                 mine = shard(batch.tolist())  # this process's share of the batch
-                if lengths is not None:
-                    mine.sort(key=lambda i: lengths[i])
                 for micro in range(0, len(mine), settings.micro_batch_size):
                     loss = micro_loss(mine[micro:micro + settings.micro_batch_size], epoch)
                     (loss / len(batch)).backward()  # the whole batch's mean, once summed
@@ -497,20 +451,24 @@ def train(model, rows, reference_a, reference_b, pad_id, args):
     h_last, loss_last = torch.zeros(len(rows)), torch.zeros(len(rows))  # the last epoch's
 
     def micro_loss(indices, epoch):
-        logps_a, logps_b = pair_logprobs(model, [rows[i] for i in indices], pad_id)
-        logratio_a = logps_a.cpu() - reference_a[indices]
-        logratio_b = logps_b.cpu() - reference_b[indices]
+        # Both responses of every pair in one forward pass: rows [a_1..a_B, b_1..b_B].
+        prompt_ids = [rows[i]["prompt_ids"] for i in indices] * 2
+        response_ids = [rows[i]["a_ids"] for i in indices] + [rows[i]["b_ids"] for i in indices]
+        batch = collate(prompt_ids, response_ids, pad_id, model.device)
+        logps_a, logps_b = sequence_logprobs(model, *batch).cpu().split(len(indices))
+        logratio_a = logps_a - reference_a[indices]
+        logratio_b = logps_b - reference_b[indices]
         losses = loss_fn(logratio_a, logratio_b, target[indices], args.beta)  # (micro,)
         if epoch == args.epochs - 1:
             h_last[indices] = args.beta * (logratio_a - logratio_b).detach()
             loss_last[indices] = losses.detach()
         return losses.sum()
     settings = training(args, args.lr, args.epochs)
-    lengths = [len(row["prompt_ids"]) + len(row["a_ids"]) + len(row["b_ids"]) for row in rows]
     with trainable(model, settings) as params:
-        fit(params, len(rows), micro_loss, settings, "train", lengths)
+        fit(params, len(rows), micro_loss, settings, "train")
     total([h_last, loss_last])  # each process filled in its share of the pairs
-    tokens = args.epochs * sum(lengths)  # one row per pair: the prompt once
+    tokens = args.epochs * sum(2 * len(row["prompt_ids"]) + len(row["a_ids"]) + len(row["b_ids"])
+                               for row in rows)
     return dict(loss=float(loss_last.mean()),
                 regression_mse=float(((h_last - target) ** 2).mean()),
                 sign_agreement=float((torch.sign(h_last) == torch.sign(target)).float().mean()),
@@ -988,25 +946,6 @@ def load_policy(args, device, folder):
         check_lora_layers(model, args)
     return model, tokenizer
 
-def one_row_works(model, pairs, pad_id):
-    """Whether the model scores pairs in one row as in two (pair_logprobs), to 1e-4 a token (1e-2
-    in 16 bits, rounded differently in each layout): a model may refuse a 4-D mask, or ignore it.
-    Asked once per model, of its first pairs; if not, one line says so."""
-    if not hasattr(model, "one_row"):
-        try:
-            with torch.no_grad():
-                one_row = torch.stack(pair_logprobs(model, pairs[:2], pad_id, one_row=True))
-                two_rows = torch.stack(pair_logprobs(model, pairs[:2], pad_id, one_row=False))
-            tokens = sum(len(pair["a_ids"]) + len(pair["b_ids"]) for pair in pairs[:2])
-            tolerance = (1e-4 if model.dtype == torch.float32 else 1e-2) * tokens
-            if (one_row - two_rows).abs().sum() > tolerance:
-                raise ValueError("its log-probs differ from two rows'")
-            model.one_row = True
-        except Exception as error:  # whatever the model raises, two rows still work
-            print(f"{type(model).__name__} cannot score a pair in one row ({error}); two rows")
-            model.one_row = False
-    return model.one_row
-
 def check_lora_layers(model, args):
     """Before any work: stop if no layer would get an adapter; else say how many will, and how
     many parameters train (rank * (in + out) each)."""
@@ -1431,7 +1370,7 @@ def build_tiny(folder, seed=0, steps=600):
     on_main(publish, folder, model, tokenizer, {})
 
 # --- Many processes: `torchrun --nproc_per_node N irepo.py ...` runs the method on N processes, one
-# GPU each (README: Many GPUs). In Part I, sample(), the *_logprobs() and Panel.compare() work on
+# GPU each (README: Many GPUs). In Part I, sample(), batched_logprobs() and Panel.compare() work on
 # shard() of their inputs and gather() the results; fit() and train() sum with total(); process 0
 # alone prints and writes files (on_main). Without torchrun, WORLD is 1 and these change nothing.
 RANK = int(os.environ.get("RANK", 0))  # this process's number, from torchrun (0 without it)
