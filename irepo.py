@@ -18,7 +18,7 @@ which changes nothing in the method; Part III checks the theory and compares the
 
 Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
-  python irepo.py --loss dpo           # the same with DPO on the majority vote (or --loss ipo)
+  python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
   python irepo.py --compare            # reward-KL frontier of irepo, dpo and ipo, ~3.5 minutes
   python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl --prompts uf.jsonl       # GPU
@@ -26,9 +26,14 @@ Run it:
       --prompts uf.jsonl               # 8 GPUs
   python -m pytest -q test_irepo.py    # the tests
 
-Deliberate deviations from the paper (smoothing, the Zermelo label and its winner's curse, the
-simulated panel, scoring at temperature 1, IPO on the h scale, LoRA): README, 'Deviations
-from the paper', which says what we do and why, item by item.
+Deliberate deviations from the paper (the README's 'Deviations from the paper' says why):
+  1. the loss and the loop are reconstructed from the abstract, reviews and public artifacts;
+  2. `smoothing` pseudo-votes keep a unanimous panel's logit finite;
+  3. the Zermelo label reuses the votes that chose the pair (the winner's curse; --label fresh);
+  4. the default panel is simulated, so that the true reward is known;
+  5. log-probs are summed over tokens and scored at temperature 1; dropout is zeroed;
+  6. IPO is the same squared loss with the constant target 1/2 on the h scale;
+  7. K, lengths and temperature are our choices; LoRA r = alpha = 128, its adapters never merged.
 """
 
 import contextlib
@@ -443,8 +448,8 @@ def fit(params, n, micro_loss, settings, desc):
 
 def train(model, rows, reference_a, reference_b, pad_id, args):
     """Step 6: minimize the chosen loss over the pairs, pi_t's log-probs (reference_a,
-    reference_b) fixed; the model becomes pi_{t+1}. Returns the last epoch's diagnostics, and
-    the tokens seen."""
+    reference_b) fixed; the model becomes pi_{t+1}. Returns the last epoch's diagnostics (each
+    pair's as its forward pass saw it, before that batch's step), and the tokens seen."""
     loss_fn = LOSSES[args.loss]
     target = torch.tensor([row["target_logit"] for row in rows])
     h_last, loss_last = torch.zeros(len(rows)), torch.zeros(len(rows))  # the last epoch's
@@ -509,7 +514,7 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
 
 # --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
 # and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
-# --pairs; training/trainable choose what trains (LoRA adapters, kept after, or every weight);
+# --pairs; training/trainable choose what trains (fresh LoRA adapters, frozen after, or every weight);
 # shard/gather/total split the work among processes; phase_seed seeds each phase.
 def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
