@@ -514,8 +514,8 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
 
 # --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
 # and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
-# --pairs; training/trainable choose what trains (fresh LoRA adapters, frozen after, or every weight);
-# shard/gather/total split the work among processes; phase_seed seeds each phase.
+# --pairs; training/trainable choose what trains (fresh LoRA adapters, frozen after, or every
+# weight); shard/gather/total split the work among processes; phase_seed seeds each phase.
 def run(args):
     """Steps 1-7 for t = 0..T-1. Returns the list of metrics dicts, one per iteration."""
     state = start_run(args)  # input checked, pi_t loaded (t = 0, or where --resume continues)
