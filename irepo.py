@@ -1069,9 +1069,10 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, hidden):
         training = [(self.A, self.B, self.scale)] if self.A is not None else []
+        hidden_fp32 = hidden.float()  # upcast once, however many adapters the layer has
         update = 0.0
         for A, B, scale in self.frozen + training:
-            update = update + scale * (hidden.float() @ A.T @ B.T)
+            update = update + scale * (hidden_fp32 @ A.T @ B.T)
         return self.base(hidden) + update.to(hidden.dtype)
 
 def preset_targets(args):
