@@ -20,7 +20,7 @@ Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
   python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
-  python irepo.py --compare            # reward-KL frontier of irepo, dpo and ipo, ~3.5 minutes
+  python irepo.py --compare            # reward-KL frontier of 5 losses and labels, frontier.svg
   python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl --prompts uf.jsonl       # GPU
   torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 --sft ultrachat.jsonl \
       --prompts uf.jsonl               # 8 GPUs
@@ -51,6 +51,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
 
 import torch
 import torch.distributed as dist
@@ -638,7 +639,7 @@ def build_parser():
     mode.add_argument("--theory", action="store_true",
                       help="print numerical checks of the paper's theory, exit")
     mode.add_argument("--compare", action="store_true",
-                      help="reward-KL frontier of irepo, dpo and ipo")
+                      help="reward-KL frontier of irepo (2 labels), soft-dpo, dpo, ipo")
     for name, (kind, rule, default, meaning) in SETTINGS.items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:
@@ -1802,13 +1803,11 @@ def kl(log_p, log_q):
 
 def pair_indices(responses):
     """The pairs i < j of that many responses, in a fixed order: (first, second), each (pairs,)."""
-    first, second = torch.triu_indices(responses, responses, 1)
-    return first, second
+    return torch.triu_indices(responses, responses, 1)
 
 def ranks(scores):
     """The rank of each score along the last dimension, 0 for the lowest."""
-    order = scores.argsort(-1)  # the indices, lowest score first
-    return order.argsort(-1)
+    return scores.argsort(-1).argsort(-1)  # argsort: the indices, lowest score first
 
 def all_draws_in_ranks(cdf, lowest, highest, k):
     """P(all k draws from pi have a rank in [lowest, highest]), where cdf[:, m] = P(rank < m);
@@ -1845,10 +1844,7 @@ def fit_tabular(log_ref, targets, beta, weights_fn=None, rounds=3, loss_fn=irepo
     first, second = pair_indices(log_ref.shape[-1])
     logits = log_ref.clone().requires_grad_(True)
     for _ in range(rounds):
-        if weights_fn:
-            weights = weights_fn(torch.log_softmax(logits, -1).detach())
-        else:
-            weights = 1.0
+        weights = weights_fn(torch.log_softmax(logits, -1).detach()) if weights_fn else 1.0
         optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=500, tolerance_grad=1e-12,
                                       tolerance_change=1e-16, history_size=50,
                                       line_search_fn="strong_wolfe")
@@ -1868,28 +1864,24 @@ def exact_targets(rewards):
     first, second = pair_indices(rewards.shape[-1])
     return preference_logit(torch.sigmoid(rewards[:, first] - rewards[:, second]))
 
-def theory_soft_dpo(betas=(0.1, 0.5, 1.0)):
-    """Claim 1, for DPO on soft labels: with exact preferences (uniform pairs) its minimizer is
-    iREPO's, pi*. Returns {beta: max |log pi - log pi*|}."""
-    log_ref, rewards = tabular_world(0)
-    errors = {}
-    for beta in betas:
-        log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, loss_fn=soft_dpo_loss)
-        errors[beta] = float((log_pi - optimal_policy(log_ref, rewards, beta)).abs().max())
-    return errors
-
-def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst")):
+def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "best-worst"),
+                      loss_fn=irepo_loss):
     """Claim 1: with exact preferences the minimizer is pi*. Returns {(beta, scheme): error}."""
     log_ref, rewards = tabular_world(0)
     errors = {}
     for beta in betas:
         for scheme in schemes:
-            def weights_fn(log_pi):
-                return pair_weights(scheme, log_pi, rewards)
-            log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, weights_fn)
+            weights_fn = functools.partial(pair_weights, scheme, rewards=rewards)  # of log pi
+            log_pi = fit_tabular(log_ref, exact_targets(rewards), beta, weights_fn, loss_fn=loss_fn)
             error = (log_pi - optimal_policy(log_ref, rewards, beta)).abs().max()
             errors[beta, scheme] = float(error)
     return errors
+
+def theory_soft_dpo(betas=(0.1, 0.5, 1.0)):
+    """Claim 1, for DPO on soft labels: with exact preferences (uniform pairs) its minimizer is
+    iREPO's, pi*. Returns {beta: max |log pi - log pi*|}."""
+    errors = theory_optimality(betas, ("uniform",), soft_dpo_loss)
+    return {beta: error for (beta, _), error in errors.items()}
 
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
     """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), J(pi*) - J(pi_N) =
@@ -1906,12 +1898,9 @@ def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5)
             targets = preference_logit(empirical_preference(votes, n, smoothing))
             log_pi = fit_tabular(log_ref, targets, beta, rounds=1)
             suboptimality[n].append(float((beta * kl(log_pi, log_optimal)).mean()))
-    summary = {}
-    for n, per_world in suboptimality.items():
-        mean = float(torch.tensor(per_world).mean())
-        stderr = float(torch.tensor(per_world).std()) / seeds ** 0.5
-        summary[n] = (mean, stderr)
-    return summary
+    return {n: (float(torch.tensor(per_world).mean()),
+                float(torch.tensor(per_world).std()) / seeds ** 0.5)  # (mean, stderr)
+            for n, per_world in suboptimality.items()}
 
 def theory_iterations(ts=(1, 2, 3), beta=1.0):
     """Claim 3: T exact iterations with reference pi_t reach pi_0 exp(T r / beta) / Z.
@@ -2057,11 +2046,15 @@ def theory_report():
     print_label_table()
     print(f"\n(theory checks took {time.time() - start:.1f}s)")
 
-# --- The losses compared (python irepo.py --compare): the reward-KL frontier of the DPO paper's
-# controlled sentiment experiment, on the tiny world. Each loss runs over a grid of beta (chosen so
-# that the KL ranges overlap) and several seeds; every iteration of every run is a point (KL to
-# pi_0, true reward); a loss is better where its frontier lies above the others at equal KL.
-COMPARE_BETAS = {"irepo": (0.5, 1.0, 2.0), "dpo": (1.0, 2.0, 4.0), "ipo": (0.1, 0.25, 0.5)}
+# --- The losses compared (python irepo.py --compare): the reward-KL frontier (README). Each curve
+# (a loss and a label) runs over a grid of beta, chosen so that the KL ranges overlap, and seeds.
+COMPARE_CURVES = {  # curve: (loss, label, betas)
+    "irepo": ("irepo", "zermelo", (0.5, 2.0)),
+    "irepo-fresh": ("irepo", "fresh", (0.5, 2.0)),
+    "soft-dpo": ("soft-dpo", "zermelo", (0.5, 2.0)),
+    "dpo": ("dpo", "zermelo", (1.0, 4.0)),
+    "ipo": ("ipo", "zermelo", (0.1, 0.5))}
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")  # Okabe-Ito
 
 def interpolate(points, level):
     """The reward at KL `level`, linearly interpolated along points (kl, reward) taken in order
@@ -2075,110 +2068,172 @@ def interpolate(points, level):
     return None
 
 def points_by_seed(rows):
-    """{(loss, seed): [(kl_to_initial, true_reward) of each of its rows, over every beta]}."""
+    """{(curve, seed): [(kl_to_initial, true_reward) of each of its rows, over every beta]}."""
     points = {}
     for row in rows:
         point = (row["kl_to_initial"], row["true_reward"])
-        points.setdefault((row["loss"], row["seed"]), []).append(point)
+        points.setdefault((row["curve"], row["seed"]), []).append(point)
     return points
 
-def upper_envelope(points):
-    """The points (kl, reward), in order of KL, that beat the reward of every point before them."""
+def frontier_line(points):
+    """A seed's frontier, as the table reads it and the picture draws it: the points (kl, reward),
+    in order of KL, that beat the reward of every point before them, then flat to the largest KL
+    (a point further out with less reward is dominated, not a drop)."""
     frontier = []
     for kl_to_initial, true_reward in sorted(points):
         if not frontier or true_reward > frontier[-1][1]:
             frontier.append((kl_to_initial, true_reward))
-    return frontier
+    return frontier + [(max(points)[0], frontier[-1][1])]
 
 def matched_rewards(rows, levels):
-    """{loss: {level: [reward per seed]}}. A seed's frontier is the upper envelope of its points
-    over every beta (a point counts if no point with less KL has more reward), interpolated
-    along; past its last point it stays flat (a run can stop early), before its first, None."""
+    """{curve: {level: [reward per seed]}}: each seed's frontier_line over every beta,
+    interpolated at each level; outside the line, None."""
     table = {}
-    seed_points = points_by_seed(rows)
-    for loss, seed in sorted(seed_points):
-        frontier = upper_envelope(seed_points[loss, seed])
-        last_kl, last_reward = frontier[-1]
+    for (curve, seed), points in sorted(points_by_seed(rows).items()):
         for level in levels:
-            reward = last_reward if level >= last_kl else interpolate(frontier, level)
+            reward = interpolate(frontier_line(points), level)
             if reward is not None:
-                table.setdefault(loss, {}).setdefault(level, []).append(reward)
+                table.setdefault(curve, {}).setdefault(level, []).append(reward)
     return table
 
-def comparable_losses(table, level):
-    """{loss: [reward per seed]} at this level, for the losses with at least 2 seeds there."""
-    return {loss: by_level[level] for loss, by_level in table.items()
-            if len(by_level.get(level, [])) >= 2}
-
 def verdict(table, level):
-    """'first > second' for each ordered pair of losses where every seed of first beats every
-    seed of second at this level; else 'within noise'. If the two were the same loss, their
-    3 + 3 seeds would be exchangeable draws, and all 3 of one would exceed all 3 of the other
-    with chance 1/20 (one of the C(6, 3) = 20 equally likely splits). That is per comparison:
-    compare_losses makes one for each ordered pair of losses at each KL level (6 x 5 = 30 for
-    3 losses at 5 levels) and prints the count, so the chance of at least one false verdict is
-    much larger than 1/20; the union bound caps it at count x 1/20 (no cap at all for 30), and
-    the comparisons are correlated (neighbouring levels share the same runs)."""
-    rewards_by_loss = comparable_losses(table, level)
+    """'first > second' for each ordered pair of curves where every seed of first beats every
+    seed of second at this level; else 'within noise'. What a verdict is worth: README, 'The
+    reward-KL frontier'."""
+    rewards_by_curve = {curve: by_level[level] for curve, by_level in table.items()
+                        if len(by_level.get(level, [])) >= 2}  # the curves with 2 seeds or more
     wins = []
-    for first in rewards_by_loss:
-        for second in rewards_by_loss:
-            if first != second and min(rewards_by_loss[first]) > max(rewards_by_loss[second]):
+    for first in rewards_by_curve:
+        for second in rewards_by_curve:
+            if first != second and min(rewards_by_curve[first]) > max(rewards_by_curve[second]):
                 wins.append(f"{first} > {second}")
     return ", ".join(wins) or "within noise"
 
-def kl_range(rows):
-    """(low, high): the KL interval that every (loss, seed) covers, from the largest of their
-    smallest KLs to the smallest of their largest; low >= high when they share no interval."""
+def matched_levels(rows, count=5):
+    """`count` KL levels spread evenly over the interval that every (curve, seed) covers, from the
+    largest of their smallest KLs to the smallest of their largest; none if there is none."""
     kls_by_seed = [[kl_to_initial for kl_to_initial, _ in points]
                    for points in points_by_seed(rows).values()]
-    low = max(min(kls) for kls in kls_by_seed)
-    high = min(max(kls) for kls in kls_by_seed)
-    return low, high
+    low, high = max(min(kls) for kls in kls_by_seed), min(max(kls) for kls in kls_by_seed)
+    return [low + (high - low) * i / (count - 1) for i in range(count)] if high > low else []
 
 def mean_and_std(rewards):
-    """'mean +- std' of the seeds' rewards, 2 decimals; the mean alone for one seed."""
-    values = torch.tensor(rewards)
-    text = f"{values.mean():.2f}"
-    if len(values) > 1:
-        text += f" +- {values.std():.2f}"
-    return text
+    """(mean, std) of the seeds' rewards; std 0 for one seed."""
+    values = torch.tensor(rewards, dtype=torch.float64)
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
 
-def compare_losses(args, grid=COMPARE_BETAS, seeds=3):
-    """Every loss over its beta grid and `seeds` seeds, from one shared warm-up; frontier.jsonl; the
-    true reward at KL levels inside every loss's and seed's range (nothing is extrapolated)."""
+def print_table(table, levels, curves, seeds):
+    """The matched-KL table, a verdict per level, and how much the verdicts are worth."""
+    print(f"{'KL':>6} " + "".join(f"{curve:>16}" for curve in curves) + "   verdict")
+    for level in levels:
+        cells = []
+        for curve in curves:
+            rewards = table.get(curve, {}).get(level, [float("nan")])
+            mean, std = mean_and_std(rewards)
+            cells.append(f"{mean:.2f}" + (f" +- {std:.2f}" if len(rewards) > 1 else ""))
+        print(f"{level:>6.2f} " + "".join(f"{cell:>16}" for cell in cells), "  ",
+              verdict(table, level))
+    comparisons = len(levels) * len(curves) * (len(curves) - 1) if seeds > 1 else 0
+    splits = math.comb(2 * seeds, seeds)  # a false verdict's chance is 1/splits, per comparison
+    print(f"{comparisons} comparisons (ordered pairs of curves x KL levels), each false with "
+          f"chance 1/{splits} if the two curves were the same; were all the same, chance alone "
+          f"would give {comparisons / splits:.1f} verdicts on average: a hint, not a proof")
+
+# The picture, frontier.svg: standard-library SVG, each mark with data-* attributes of its data.
+LEFT, RIGHT, TOP, BOTTOM = 70, 560, 60, 420  # the plot's edges, in pixels
+
+def element(tag, text="", **attributes):
+    """One SVG element, a line of text; underscores in attribute names become dashes."""
+    written = "".join(f" {name.replace('_', '-')}={quoteattr(str(value))}"
+                      for name, value in attributes.items())
+    return f"<{tag}{written}>{escape(str(text))}</{tag}>\n"
+
+def axis(low, high, start, end):
+    """About 5 round ticks (1, 2 or 5 times a power of 10 apart) from <= low to >= high, and the
+    pixel of a value, with the first tick at pixel start and the last at end."""
+    rough = (high - low) / 5 or 1.0
+    power = 10 ** math.floor(math.log10(rough))
+    step = next(power * multiple for multiple in (1, 2, 5, 10) if power * multiple >= rough)
+    ticks = [round(i * step, 12) for i in range(math.floor(low / step), math.ceil(high / step) + 1)]
+
+    def pixel(value):
+        return round(start + (end - start) * (value - ticks[0]) / (ticks[-1] - ticks[0]), 2)
+    return ticks, pixel
+
+def frontier_svg(rows, table, curves, title):
+    """frontier.svg: true reward against KL; each (curve, seed)'s frontier_line, thin; each curve's
+    mean +- 1 std over seeds at the matched KL levels, side by side; tick labels; a legend."""
+    lines = {key: frontier_line(points) for key, points in points_by_seed(rows).items()}
+    bars = {(curve, level): mean_and_std(rewards)
+            for curve, by_level in table.items() for level, rewards in by_level.items()}
+    rewards = [reward for line in lines.values() for _, reward in line] + [
+        mean + sign * std for mean, std in bars.values() for sign in (-1, 1)]
+    kl_ticks, kl_pixel = axis(0, max(max(line)[0] for line in lines.values()), LEFT, RIGHT)
+    reward_ticks, reward_pixel = axis(min(rewards), max(rewards), BOTTOM, TOP)
+    parts = [element("rect", width="100%", height="100%", fill="white"),
+             element("text", title, x=10, y=20, font_size=13, text_anchor="start"),
+             element("text", "thin lines: each seed's frontier over every beta; dots and bars: "
+                     "mean +- 1 std at the table's KL levels", x=10, y=38, text_anchor="start"),
+             element("text", "KL(pi_0 || pi_t), nats", x=(LEFT + RIGHT) / 2, y=BOTTOM + 40),
+             element("text", "true reward (simulated panel's hidden reward)", x=0, y=0,
+                     transform=f"translate(18 {(TOP + BOTTOM) / 2}) rotate(-90)")]
+    for kl in kl_ticks:  # grid lines and tick labels; data-tick-*: the value of each
+        parts += [element("line", x1=kl_pixel(kl), x2=kl_pixel(kl), y1=TOP, y2=BOTTOM,
+                          stroke="#ddd"),
+                  element("text", f"{kl:g}", x=kl_pixel(kl), y=BOTTOM + 18, data_tick_kl=kl)]
+    for reward in reward_ticks:
+        parts += [element("line", x1=LEFT, x2=RIGHT, y1=reward_pixel(reward),
+                          y2=reward_pixel(reward), stroke="#ddd"),
+                  element("text", f"{reward:g}", x=LEFT - 16, y=reward_pixel(reward),
+                          dominant_baseline="middle", data_tick_reward=reward)]
+    colours = {curve: COLOURS[index % len(COLOURS)] for index, curve in enumerate(curves)}
+    for index, (curve, (loss, label, betas)) in enumerate(curves.items()):
+        legend = f"{curve}: {loss}, {label} label, beta {', '.join(map(str, betas))}"
+        parts.append(element("text", legend, x=RIGHT + 20, y=TOP + 20 * index, fill=colours[curve],
+                             text_anchor="start", data_curve=curve))
+    for (curve, seed), line in lines.items():
+        points = " ".join(f"{kl_pixel(kl)},{reward_pixel(reward)}" for kl, reward in line)
+        parts.append(element("polyline", points=points, fill="none", stroke=colours[curve],
+                             stroke_opacity=0.5, data_curve=curve, data_seed=seed))
+    for (curve, level), (mean, std) in bars.items():
+        middle = kl_pixel(level) + 4 * (list(curves).index(curve) - (len(curves) - 1) / 2)
+        parts += [element("line", x1=middle, x2=middle, y1=reward_pixel(mean - std),
+                          y2=reward_pixel(mean + std), stroke=colours[curve], stroke_width=2),
+                  element("circle", cx=middle, cy=reward_pixel(mean), r=3.5, fill=colours[curve],
+                          data_curve=curve, data_kl=level, data_reward=mean, data_std=std)]
+    return ('<svg xmlns="http://www.w3.org/2000/svg" width="900" height="470" '
+            'font-family="sans-serif" font-size="12" text-anchor="middle">\n'
+            + "".join(parts) + "</svg>\n")
+
+def compare_losses(args, grid=COMPARE_CURVES, seeds=3):
+    """Every curve over its beta grid and `seeds` seeds, from one shared warm-up; frontier.jsonl;
+    the true reward at KL levels inside every curve's and seed's range (nothing is extrapolated);
+    frontier.svg, the picture of the same points."""
     import argparse
     metric_names = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
     rows = []
-    for loss, betas in grid.items():
+    for curve, (loss, label, betas) in grid.items():
         for beta in betas:
             for seed in range(args.seed, args.seed + seeds):
-                run_dir = os.path.join(args.out, "compare", f"{loss}_beta{beta}_seed{seed}")
-                run_args = argparse.Namespace(**dict(vars(args), loss=loss, beta=beta, seed=seed,
-                                                     out=run_dir, overwrite=True, resume=False))
-                print(f"\n=== --loss {loss} --beta {beta} --seed {seed} ===")
+                run_dir = os.path.join(args.out, "compare", f"{curve}_beta{beta}_seed{seed}")
+                run_args = argparse.Namespace(**vars(args) | dict(
+                    loss=loss, label=label, beta=beta, seed=seed, out=run_dir, overwrite=True,
+                    resume=False))
+                print(f"\n=== {curve}: --loss {loss} --label {label} --beta {beta} --seed {seed}")
                 for metrics in run(run_args):
-                    row = dict(loss=loss, beta=beta, seed=seed)
-                    row.update({name: metrics[name] for name in metric_names})
-                    rows.append(row)
+                    rows.append(dict(curve=curve, loss=loss, label=label, beta=beta, seed=seed)
+                                | {name: metrics[name] for name in metric_names})
     on_main(write_atomic, os.path.join(args.out, "frontier.jsonl"), "".join(map(jsonl_line, rows)))
-    low, high = kl_range(rows)
-    levels = [low + (high - low) * i / 4 for i in range(5)] if high > low else []
+    levels = matched_levels(rows)
     table = matched_rewards(rows, levels)
     print(f"\nTrue reward at matched KL(pi_0 || pi_t), mean +- std over {seeds} seeds "
-          f"(frontier.jsonl in {args.out}/ has every point):")
-    print(f"{'KL':>6} " + "".join(f"{loss:>16}" for loss in grid) + "   verdict")
-    comparisons = 0
-    for level in levels:
-        cells = [mean_and_std(table.get(loss, {}).get(level, [float("nan")])) for loss in grid]
-        print(f"{level:>6.2f} " + "".join(f"{cell:>16}" for cell in cells), "  ",
-              verdict(table, level))
-        compared = len(comparable_losses(table, level))
-        comparisons += compared * (compared - 1)
-    chance = f"1/{math.comb(2 * seeds, seeds)}"  # per comparison, were the two the same loss
-    print(f"{comparisons} comparisons (ordered pairs of losses x KL levels), each false with "
-          f"chance {chance} if the two losses were the same; at least one false verdict is far "
-          f"likelier (union bound: at most {comparisons} x {chance})")
+          f"(frontier.jsonl and frontier.svg in {args.out}/ have every point):")
+    print_table(table, levels, grid, seeds)
+    title = (f"Reward-KL frontier, --model {args.model}: {args.iterations} iterations x "
+             f"{args.prompts_per_iteration} prompts, K = {args.num_responses}, N = "
+             f"{args.num_annotators}, seeds {args.seed} to {args.seed + seeds - 1}")
+    on_main(write_atomic, os.path.join(args.out, "frontier.svg"),
+            frontier_svg(rows, table, grid, title))
     return rows
 
 if __name__ == "__main__":

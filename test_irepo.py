@@ -4,6 +4,8 @@ Each test's docstring states the invariant it checks. Statistical tests fix thei
 why a failure cannot be chance.
 """
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -1006,14 +1008,14 @@ def test_missing_model_folders_stop_before_any_work(tmp_path):
 
 def test_interpolation_and_matched_kl_table():
     """interpolate() is linear between the points around x (in order of x) and None outside;
-    a seed's frontier is the upper envelope of its points over every beta, flat past its last
-    point; the verdict names a pair only when every seed of one beats every seed of the other.
+    a seed's frontier is the upper envelope of its points over every beta, flat to its largest
+    KL; the verdict names a pair only when every seed of one beats every seed of the other.
     Hand-computed values."""
     assert irepo.interpolate([(3.0, 3.0), (1.0, 1.0)], 2.5) == pytest.approx(2.5)
     assert irepo.interpolate([(1.0, 1.0), (3.0, 3.0)], 0.5) is None
     assert irepo.interpolate([(1.0, 1.0), (3.0, 3.0)], 3.5) is None
-    point = lambda loss, beta, seed, kl, reward: dict(loss=loss, beta=beta, seed=seed,
-                                                      kl_to_initial=kl, true_reward=reward)
+    point = lambda curve, beta, seed, kl, reward: dict(curve=curve, beta=beta, seed=seed,
+                                                       kl_to_initial=kl, true_reward=reward)
     rows = [point("a", 1, 0, 1.0, 1.0), point("a", 1, 0, 3.0, 3.0),   # beta 1: y = x
             point("a", 2, 0, 2.0, 4.0), point("a", 2, 0, 4.0, 4.0),   # beta 2: flat at 4
             point("a", 1, 1, 1.0, 2.0), point("a", 1, 1, 4.0, 5.0),   # seed 1: y = x + 1
@@ -1026,21 +1028,105 @@ def test_interpolation_and_matched_kl_table():
     assert irepo.verdict(table, 1.0) == "within noise"   # a's 1.0 does not beat b's 1.0
 
 
-def test_compare_writes_a_frontier(warm_tiny, tmp_path, capsys):
-    """A tiny sweep (1 seed, 2 betas, 1 iteration) writes frontier.jsonl with one well-formed
-    point per run and iteration, and prints the matched-KL table."""
-    out = tmp_path / "cmp"
+@pytest.fixture(scope="module")
+def tiny_compare(warm_tiny, tmp_path_factory):
+    """A tiny --compare sweep, run once for the module: two curves (the default label and
+    --label fresh), beta 1, seeds 0 and 1, 2 iterations at a learning rate high enough that each
+    seed's KL range is wide and all share one (1.24 to 1.71 nats when written). Returns (its
+    folder, what it printed)."""
+    out = tmp_path_factory.mktemp("compare") / "cmp"
     shutil.copytree(warm_tiny, out / "warmup")
-    args = irepo.parse_args(small_run_args(out, "--iterations", "1", "--compare"))
-    irepo.compare_losses(args, grid={"irepo": (0.5, 1.0)}, seeds=1)
+    args = irepo.parse_args(small_run_args(out, "--compare", "--lr", "1e-3"))
+    grid = {"irepo": ("irepo", "zermelo", (1.0,)), "irepo-fresh": ("irepo", "fresh", (1.0,))}
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        irepo.compare_losses(args, grid=grid, seeds=2)
+    return out, printed.getvalue()
+
+
+def test_compare_writes_a_frontier(tiny_compare):
+    """A tiny sweep writes frontier.jsonl with one well-formed point per run and iteration, each
+    labelled with its curve and label; each run used its curve's label; the matched-KL table is
+    printed."""
+    out, printed = tiny_compare
     rows = [json.loads(line) for line in open(out / "frontier.jsonl")]
-    assert [(r["loss"], r["beta"], r["seed"], r["iteration"]) for r in rows] == [
-        ("irepo", 0.5, 0, 1), ("irepo", 1.0, 0, 1)]
+    assert [(r["curve"], r["label"], r["beta"], r["seed"], r["iteration"]) for r in rows] == [
+        (curve, label, 1.0, seed, iteration) for curve, label in
+        (("irepo", "zermelo"), ("irepo-fresh", "fresh")) for seed in (0, 1) for iteration in (1, 2)]
     for r in rows:
-        assert set(r) == {"loss", "beta", "seed", "iteration", "kl_to_initial", "true_reward",
-                          "win_rate_vs_initial"}
+        assert set(r) == {"curve", "loss", "label", "beta", "seed", "iteration", "kl_to_initial",
+                          "true_reward", "win_rate_vs_initial"}
         assert all(math.isfinite(r[k]) for k in ("kl_to_initial", "true_reward", "win_rate_vs_initial"))
-    assert "True reward at matched KL" in capsys.readouterr().out
+    config = json.load(open(out / "compare" / "irepo-fresh_beta1.0_seed1" / "config.json"))
+    assert config["label"] == "fresh" and config["loss"] == "irepo"
+    assert "True reward at matched KL" in printed
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def svg_axis(root, name):
+    """An axis of frontier.svg read back from its tick labels: pixel -> value, the inverse of the
+    drawing's scale. Each label's text is its value, the ticks lie on one straight line, and KL
+    grows to the right, reward upwards."""
+    ticks = [(float(text.get("data-tick-" + name)), float(text.get("x" if name == "kl" else "y")),
+              text.text) for text in root.iter(SVG + "text") if text.get("data-tick-" + name)]
+    assert len(ticks) >= 3 and all(float(label) == value for value, _, label in ticks)
+    (first_value, first_pixel, _), (last_value, last_pixel, _) = ticks[0], ticks[-1]
+    assert (last_pixel - first_pixel) * (last_value - first_value) * (1 if name == "kl" else -1) > 0
+
+    def value(pixel):
+        return first_value + (last_value - first_value) * (pixel - first_pixel) / (
+            last_pixel - first_pixel)
+    for tick_value, pixel, _ in ticks:
+        assert value(pixel) == pytest.approx(tick_value, abs=1e-6)
+    return value
+
+
+def test_frontier_svg_matches_frontier_jsonl(tiny_compare):
+    """frontier.svg, parsed as XML, draws what frontier.jsonl holds: one line per (curve, seed)
+    through that seed's frontier (upper envelope over beta, flat to its largest KL), and for each
+    curve the mean +- std over seeds at each matched KL level, the numbers the table prints. Every
+    position is read back through the axes' tick labels, so a wrong scale fails; one colour per
+    curve, each named in the legend."""
+    import xml.etree.ElementTree as ElementTree
+    out, printed = tiny_compare
+    rows = [json.loads(line) for line in open(out / "frontier.jsonl")]
+    root = ElementTree.parse(out / "frontier.svg").getroot()
+    kl_of, reward_of = svg_axis(root, "kl"), svg_axis(root, "reward")
+    colours = {}
+    lines = [line for line in root.iter(SVG + "polyline")]
+    expected = irepo.points_by_seed(rows)
+    assert sorted((line.get("data-curve"), int(line.get("data-seed"))) for line in lines) == sorted(
+        expected)
+    for line in lines:
+        drawn = [(kl_of(float(x)), reward_of(float(y)))
+                 for x, y in (pair.split(",") for pair in line.get("points").split())]
+        frontier = irepo.frontier_line(expected[line.get("data-curve"), int(line.get("data-seed"))])
+        assert sum(drawn, ()) == pytest.approx(sum(frontier, ()), abs=1e-3)  # flattened
+        colours.setdefault(line.get("data-curve"), set()).add(line.get("stroke"))
+    levels = irepo.matched_levels(rows)
+    markers = [circle for circle in root.iter(SVG + "circle") if circle.get("data-kl")]
+    assert len(markers) == 2 * len(levels)
+    for marker in markers:
+        curve, level = marker.get("data-curve"), float(marker.get("data-kl"))
+        assert any(level == pytest.approx(candidate) for candidate in levels)
+        seeds = [irepo.interpolate(frontier, level) for (seed_curve, _), frontier in
+                 ((key, irepo.frontier_line(points)) for key, points in expected.items())
+                 if seed_curve == curve]
+        mean, std = float(torch.tensor(seeds).mean()), float(torch.tensor(seeds).std())
+        assert reward_of(float(marker.get("cy"))) == pytest.approx(mean, abs=1e-3)
+        side_by_side = kl_of(10) - kl_of(0)  # curves' markers at one level sit within 10 px
+        assert kl_of(float(marker.get("cx"))) == pytest.approx(level, abs=side_by_side)
+        bar = [line for line in root.iter(SVG + "line") if line.get("x1") == marker.get("cx")
+               and line.get("stroke") == marker.get("fill")]  # the error bar, +- 1 std
+        assert len(bar) == 1 and sorted(reward_of(float(bar[0].get(end))) for end in ("y1", "y2")
+                                        ) == pytest.approx([mean - std, mean + std], abs=1e-3)
+        assert f"{level:>6.2f} " in printed and f"{mean:.2f} +- {std:.2f}" in printed
+        colours[curve].add(marker.get("fill"))
+    assert all(len(colour) == 1 for colour in colours.values()) and len(colours) == 2
+    legend = {text.get("data-curve") for text in root.iter(SVG + "text") if text.get("data-curve")}
+    assert legend == {"irepo", "irepo-fresh"}
 
 
 # ---------------------------------------------------------------------------------------------
