@@ -2076,9 +2076,8 @@ def points_by_seed(rows):
     return points
 
 def frontier_line(points):
-    """A seed's frontier, as the table reads it and the picture draws it: the points (kl, reward),
-    in order of KL, that beat the reward of every point before them, then flat to the largest KL
-    (a point further out with less reward is dominated, not a drop)."""
+    """A seed's frontier, as the table reads and the picture draws it: its points (kl, reward) that
+    beat the reward of every point with less KL, in order of KL, then flat to its largest KL."""
     frontier = []
     for kl_to_initial, true_reward in sorted(points):
         if not frontier or true_reward > frontier[-1][1]:
@@ -2098,8 +2097,8 @@ def matched_rewards(rows, levels):
 
 def verdict(table, level):
     """'first > second' for each ordered pair of curves where every seed of first beats every
-    seed of second at this level; else 'within noise'. What a verdict is worth: README, 'The
-    reward-KL frontier'."""
+    seed of second at this level; else 'within noise'. What a verdict is worth: README,
+    'Verdicts, and how many'."""
     rewards_by_curve = {curve: by_level[level] for curve, by_level in table.items()
                         if len(by_level.get(level, [])) >= 2}  # the curves with 2 seeds or more
     wins = []
@@ -2133,6 +2132,7 @@ def print_table(table, levels, curves, seeds):
             cells.append(f"{mean:.2f}" + (f" +- {std:.2f}" if len(rewards) > 1 else ""))
         print(f"{level:>6.2f} " + "".join(f"{cell:>16}" for cell in cells), "  ",
               verdict(table, level))
+    # every seed of every curve reaches every level; a verdict needs 2 seeds a side
     comparisons = len(levels) * len(curves) * (len(curves) - 1) if seeds > 1 else 0
     splits = math.comb(2 * seeds, seeds)  # a false verdict's chance is 1/splits, per comparison
     print(f"{comparisons} comparisons (ordered pairs of curves x KL levels), each false with "
@@ -2206,9 +2206,8 @@ def frontier_svg(rows, table, curves, title):
             + "".join(parts) + "</svg>\n")
 
 def compare_losses(args, grid=COMPARE_CURVES, seeds=3):
-    """Every curve over its beta grid and `seeds` seeds, from one shared warm-up; frontier.jsonl;
-    the true reward at KL levels inside every curve's and seed's range (nothing is extrapolated);
-    frontier.svg, the picture of the same points."""
+    """Every curve over its betas and `seeds` seeds, from one shared warm-up: frontier.jsonl, the
+    table at KL levels inside every curve's and seed's range (no extrapolation), frontier.svg."""
     import argparse
     metric_names = ("iteration", "kl_to_initial", "true_reward", "win_rate_vs_initial")
     rows = []
@@ -2227,7 +2226,7 @@ def compare_losses(args, grid=COMPARE_CURVES, seeds=3):
     levels = matched_levels(rows)
     table = matched_rewards(rows, levels)
     print(f"\nTrue reward at matched KL(pi_0 || pi_t), mean +- std over {seeds} seeds "
-          f"(frontier.jsonl and frontier.svg in {args.out}/ have every point):")
+          f"(every point in {args.out}/frontier.jsonl, the picture in frontier.svg):")
     print_table(table, levels, grid, seeds)
     title = (f"Reward-KL frontier, --model {args.model}: {args.iterations} iterations x "
              f"{args.prompts_per_iteration} prompts, K = {args.num_responses}, N = "
