@@ -2196,7 +2196,7 @@ def frontier_svg(rows, table, curves, title):
         parts.append(element("polyline", points=points, fill="none", stroke=colours[curve],
                              stroke_opacity=0.5, data_curve=curve, data_seed=seed))
     for (curve, level), (mean, std) in bars.items():
-        middle = kl_pixel(level) + 4 * (list(curves).index(curve) - (len(curves) - 1) / 2)
+        middle = kl_pixel(level) + 5 * (list(curves).index(curve) - (len(curves) - 1) / 2)
         parts += [element("line", x1=middle, x2=middle, y1=reward_pixel(mean - std),
                           y2=reward_pixel(mean + std), stroke=colours[curve], stroke_width=2),
                   element("circle", cx=middle, cy=reward_pixel(mean), r=3.5, fill=colours[curve],
