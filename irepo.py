@@ -115,7 +115,7 @@ PRESETS = {
 # --- Soft labels and ranking (used by steps 3-4).
 def empirical_preference(votes_a, n_annotators, smoothing=0.5):
     """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing): the paper's mean of the N
-    votes, plus half a vote a side so that its logit is finite at 0 and N votes (README)."""
+    votes, plus `smoothing` votes a side so that its logit is finite at 0 and N votes (README)."""
     return (votes_a + smoothing) / (n_annotators + 2 * smoothing)
 
 def preference_logit(p):
@@ -280,12 +280,11 @@ def sample(model, tokenizer, prompt_ids, k, temperature, max_new_tokens, batch_s
 # --- Annotators (used by steps 2 and 7). Each annotator answers, for each pair (a, b), values in
 # [0, 1]: votes or probabilities that a is better than b. Part II has them: simulated
 # Bradley-Terry voters, an LLM judge, a reward model; people's votes come in with --pairs.
+@dataclass
 class Panel:
     """The annotators together: compare() stacks their answers into (P, N)."""
-
-    def __init__(self, annotators, gen):
-        self.annotators = annotators
-        self.gen = gen  # the simulated votes' random stream
+    annotators: list
+    gen: torch.Generator  # the simulated votes' random stream
 
     def compare(self, prompts, texts_a, texts_b, group=1):
         """Each process asks about its share of the pairs, `group` consecutive pairs (a prompt's)
@@ -403,6 +402,14 @@ def without_ties(rows, loss):
     kept = [row for row in rows if abs(row["target_logit"]) > 1e-6]
     return kept, len(rows) - len(kept)
 
+def check_targets(rows, t):
+    """The pairs' target logits, after checking that a pair is left to learn from. They are
+    finite by construction: smoothing > 0, and read_pairs checks a given p_hat to lie in (0, 1)."""
+    if not rows:
+        fail(f"iteration {t + 1}: no pair is left to learn from (identical or empty responses, or "
+             "ties under dpo/ipo); try a higher --temperature, more --num-responses or pairs")
+    return torch.tensor([row["target_logit"] for row in rows])
+
 # --- Steps 5-6: the reference log-probs, then the regression.
 def reference_logprobs(model, rows, pad_id, batch_size):
     """Step 5: log pi_t of both responses of every pair, once, without gradients: the only trace
@@ -474,8 +481,7 @@ def train(model, rows, reference_a, reference_b, pad_id, args):
     total([h_last, loss_last])  # each process filled in its share of the pairs
     tokens = args.epochs * sum(2 * len(row["prompt_ids"]) + len(row["a_ids"]) + len(row["b_ids"])
                                for row in rows)
-    return dict(loss=float(loss_last.mean()),
-                regression_mse=float(((h_last - target) ** 2).mean()),
+    return dict(loss=float(loss_last.mean()), regression_mse=float(((h_last - target) ** 2).mean()),
                 sign_agreement=float((torch.sign(h_last) == torch.sign(target)).float().mean()),
                 reward_margin=float(h_last.mean())), tokens
 
@@ -510,8 +516,7 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
         return float((earlier.kl_logps - logps).mean())
     return dict(win_rate_vs_initial=float(win_rate),
                 true_reward=None if true_reward is None else float(true_reward.mean()),
-                kl_to_reference=kl_from(previous),
-                kl_to_initial=kl_from(held_out.initial)), current
+                kl_to_reference=kl_from(previous), kl_to_initial=kl_from(held_out.initial)), current
 
 # --- The loop. From Part II: start_run checks every input, splits the prompts into held-out ones
 # and T disjoint chunks, loads pi_t and builds the panel; given_pairs replaces steps 1-4 with
@@ -548,8 +553,7 @@ def run(args):
         torch.manual_seed(phase_seed(args.seed, t, "train"))
         tic = time.time()
         try:
-            fitted, tokens = train(state.model, rows, reference_a, reference_b, state.pad_id,
-                                   args)
+            fitted, tokens = train(state.model, rows, reference_a, reference_b, state.pad_id, args)
         except FloatingPointError as error:
             fail(f"iteration {t + 1}: {error}; try a lower --lr ({t} complete iterations are "
                  f"kept in {args.out}/)")
@@ -622,8 +626,7 @@ def build_parser():
         description="iREPO: iterative alignment by regression on empirical preferences.")
     parser.error = fail  # one line and exit status 2, instead of usage + message
     add = parser.add_argument
-    add("--model", default="tiny", help="'tiny' (built in, offline) or a Hugging Face name or "
-        "folder")
+    add("--model", default="tiny", help="'tiny' (built in, offline), a Hugging Face name or folder")
     add("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
     add("--out", default="out", help="output folder: iterations, pairs, metrics")
     add("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with a 'prompt' string a line")
@@ -795,9 +798,8 @@ def read_conversations(path):
     return conversations
 
 def sft_examples(tokenizer, conversations, args):
-    """(prompt_ids, response_ids) for every reply: the conversation before it in the chat
-    template, and the reply followed by the end-of-turn marker (EOS if the format has none),
-    so that pi_0 learns to end its turns; cut at --max-new-tokens."""
+    """(prompt_ids, response_ids) per reply: the conversation before it in the chat template;
+    the reply, then the end-of-turn marker (else EOS) for pi_0 to learn, cut at --max-new-tokens."""
     def token_ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -812,9 +814,8 @@ def sft_examples(tokenizer, conversations, args):
     return examples
 
 def pair_target(row, where, smoothing):
-    """logit p_hat of a given pair: a Zermelo label's saved 'target_logit' (it is not the pair's
-    own votes); else from the votes ('votes_a' of 'n_annotators', smoothed as sampled pairs
-    are); else from a probability 'p_hat' (not smoothed)."""
+    """logit p_hat of a given pair: a Zermelo label's saved 'target_logit'; else the votes
+    ('votes_a' of 'n_annotators', smoothed as for sampled pairs); else 'p_hat' (not smoothed)."""
     if row.get("label") == "zermelo":
         return check(row, where, "target_logit", is_number, "a number (the Zermelo label)")
     if "votes_a" not in row:
@@ -1082,10 +1083,9 @@ def preset_targets(args):
     return args.lora_targets == PRESETS[args.preset].get("lora_targets", tiny)
 
 def lora_layers(model, targets, fallback=False):
-    """The names of the linear layers to adapt: those whose own name (after the last dot) is
-    one of the comma-separated targets. With fallback, when the model lacks any of those names
-    (a preset made for another architecture), every linear layer but the output head. A layer
-    adapted before counts under its own name."""
+    """The names of the linear layers to adapt: those whose own name (after the last dot) is a
+    target (comma-separated); an adapted layer counts under its own name. With fallback, if the
+    model lacks a target (a preset made for another architecture): every linear but the head."""
     wanted = {target.strip() for target in targets.split(",") if target.strip()}
     adapted = dict(lora_wrappers(model))
     inside = {name + ".base" for name in adapted}  # the layers that adapted ones wrap
@@ -1148,16 +1148,8 @@ def plain_state_dict(model):
 #                positive words: the tiny world's true reward, which only they know
 #   judge:MODEL  a causal LM asked which response is better, in both orders
 #   rm:MODEL     a scalar reward model (sequence classifier): p = sigma(r_a - r_b)
-class Annotator:
-    """The protocol. compare() is required; reward() is the true reward of each text where the
-    annotator knows it (only the simulated one does), else None."""
-
-    def compare(self, prompts, texts_a, texts_b):  # -> (P, answers per pair)
-        raise NotImplementedError
-
-    def reward(self, texts):  # -> (P,) or None
-        return None
-
+# Each has compare(prompts, texts_a, texts_b) -> (P, answers per pair), and reward(texts) -> (P,)
+# true rewards where it knows them (only the simulated annotators do), else None.
 POSITIVE = "great good lovely wonderful fun amazing".split()
 NEGATIVE = "bad awful boring terrible dull poor".split()
 
@@ -1170,14 +1162,13 @@ def hidden_rewards(texts):
                        - sum(word in NEGATIVE for word in words))
     return torch.tensor(rewards, dtype=torch.float32)
 
-class SimulatedAnnotators(Annotator):
+@dataclass
+class SimulatedAnnotators:
     """n Bradley-Terry annotators sharing the hidden reward (they like positive words): each
-    votes for a with probability sigma(sharpness * (r(a) - r(b))); `gen`: the panel's stream."""
-
-    def __init__(self, n_annotators, sharpness, gen):
-        self.n_annotators = n_annotators
-        self.sharpness = sharpness
-        self.gen = gen
+    votes for a with probability sigma(sharpness * (r(a) - r(b)))."""
+    n_annotators: int
+    sharpness: float
+    gen: torch.Generator  # the panel's random stream
 
     def compare(self, prompts, texts_a, texts_b):  # -> (P, n) votes in {0, 1}
         difference = hidden_rewards(texts_a) - hidden_rewards(texts_b)
@@ -1210,23 +1201,25 @@ def parse_annotators(spec, num_annotators):
 JUDGE_QUESTION = ("Which response follows the instruction better?\n\nInstruction:\n{prompt}\n\n"
                   "Response A:\n{a}\n\nResponse B:\n{b}\n\nAnswer with a single letter, A or B.")
 
-class ModelAnnotator(Annotator):
+@dataclass
+class ModelAnnotator:
     """An annotator that is a model: it reads batch_size inputs at a time, each cut to
-    max_tokens tokens."""
+    max_tokens tokens. It does not know the true reward."""
+    model: torch.nn.Module
+    tokenizer: object
+    batch_size: int
+    max_tokens: int
 
-    def __init__(self, model, tokenizer, batch_size, max_tokens):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.batch_size = batch_size
-        self.max_tokens = max_tokens
+    def reward(self, texts):
+        return None
 
+@dataclass
 class JudgeAnnotator(ModelAnnotator):
     """A causal LM as a judge: P(a is better) from its next-token logits for the labels A and B,
     asked with a first and with b first, averaged, so that an LLM judge's position bias cancels."""
 
-    def __init__(self, model, tokenizer, batch_size, max_tokens):
-        super().__init__(model, tokenizer, batch_size, max_tokens)
-        self.labels = [tokenizer(label, add_special_tokens=False)["input_ids"][-1]
+    def __post_init__(self):
+        self.labels = [self.tokenizer(label, add_special_tokens=False)["input_ids"][-1]
                        for label in ("A", "B")]
         if self.labels[0] == self.labels[1]:
             raise ValueError("its tokenizer cannot tell the labels 'A' and 'B' apart")
@@ -1434,15 +1427,6 @@ def on_main(function, *arguments):
         dist.broadcast_object_list(result)
     return result[0]
 
-# --- The loop's guard: a chunk whose pairs were all skipped stops the run with one line.
-def check_targets(rows, t):
-    """The pairs' target logits, after checking that a pair is left to learn from. They are
-    finite by construction: smoothing > 0, and a given p_hat is checked to lie in (0, 1)."""
-    if not rows:
-        fail(f"iteration {t + 1}: every pair was degenerate (identical or empty responses); "
-             "try a higher --temperature or more --num-responses")
-    return torch.tensor([row["target_logit"] for row in rows])
-
 # --- Runs that stop (README): an iteration's folder is renamed into place only when complete, so a
 # killed run keeps its complete iterations; --resume goes on after them, on the same random streams.
 NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "annotator_specs"}
@@ -1624,10 +1608,8 @@ def print_initial_reward(panel, held_out):
         print(f"pi_0: true reward {reward.mean():.3f} on held-out prompts")
 
 def start_run(args):
-    """Every input file read and checked before anything expensive (prompts, given pairs, SFT
-    conversations: None where not given), then pi_t (pi_0, or the last complete iteration on
-    --resume), the panel, the held-out prompts; on --resume, the held-out samples of pi_0 and
-    pi_t as saved. The loop draws pi_0's own when it starts from t = 0."""
+    """Every input file checked before anything expensive; then pi_t (pi_0, or on --resume the
+    last complete iteration, with its and pi_0's saved held-out samples), the panel, the prompts."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # see DTYPE
     prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
     held_out_prompts, chunks = split_prompts(prompts, args)
@@ -1690,7 +1672,7 @@ SFT_SETTINGS = ("model", "sft", "sft_lr", "sft_epochs", "seed", "lora_rank", "lo
 
 def sft(model, tokenizer, examples, settings):
     """The supervised warm-up that makes pi_0 from (prompt_ids, response_ids) examples: the mean
-    NLL of each example's response tokens, by the method's own helpers (LoRA merged after)."""
+    NLL of each example's response tokens, by the method's own helpers."""
     def micro_loss(indices, epoch):
         prompt_ids = [examples[i][0] for i in indices]
         response_ids = [examples[i][1] for i in indices]
@@ -1725,19 +1707,17 @@ def finish_iteration(state, t, rows, metrics):
     state.history.append(metrics)
     print(metrics_line(metrics))
 
+METRICS_LINE = ("iter {iteration} | loss {loss:.4f} | mse {regression_mse:.4f} "
+                "| sign {sign_agreement:.2f} | win {win_rate_vs_initial:.3f} {reward}"
+                "| kl_ref {kl_to_reference:.3f} | len {response_tokens_mean:.1f} "
+                "| sample {seconds_sample:.1f}s annotate {seconds_annotate:.1f}s "
+                "train {seconds_train:.1f}s ({train_tokens_per_s:.0f} tok/s)")
+
 def metrics_line(metrics):
-    """The one fixed-format line of an iteration."""
-    line = (f"iter {metrics['iteration']} | loss {metrics['loss']:.4f} "
-            f"| mse {metrics['regression_mse']:.4f} | sign {metrics['sign_agreement']:.2f} "
-            f"| win {metrics['win_rate_vs_initial']:.3f} ")
-    if metrics["true_reward"] is not None:
-        line += f"| reward {metrics['true_reward']:+.3f} "
-    return line + (f"| kl_ref {metrics['kl_to_reference']:.3f} "
-                   f"| len {metrics['response_tokens_mean']:.1f} "
-                   f"| sample {metrics['seconds_sample']:.1f}s "
-                   f"annotate {metrics['seconds_annotate']:.1f}s "
-                   f"train {metrics['seconds_train']:.1f}s "
-                   f"({metrics['train_tokens_per_s']:.0f} tok/s)")
+    """The one fixed-format line of an iteration (the reward only where the panel knows it)."""
+    reward = metrics["true_reward"]
+    shown = "" if reward is None else f"| reward {reward:+.3f} "
+    return METRICS_LINE.format(**metrics, reward=shown)
 
 def show_samples(state, args):
     """Three held-out prompts with the responses of pi_0 and of the last policy."""
@@ -1805,10 +1785,6 @@ def pair_indices(responses):
     """The pairs i < j of that many responses, in a fixed order: (first, second), each (pairs,)."""
     return torch.triu_indices(responses, responses, 1)
 
-def ranks(scores):
-    """The rank of each score along the last dimension, 0 for the lowest."""
-    return scores.argsort(-1).argsort(-1)  # argsort: the indices, lowest score first
-
 def all_draws_in_ranks(cdf, lowest, highest, k):
     """P(all k draws from pi have a rank in [lowest, highest]), where cdf[:, m] = P(rank < m);
     0 for an empty range."""
@@ -1827,7 +1803,8 @@ def pair_weights(scheme, log_pi, rewards, k=4):
         return 2 * pi[:, first] * pi[:, second]
     not_self = 1 - torch.eye(responses, dtype=rewards.dtype)
     preferences = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :]) * not_self
-    rank = ranks(zermelo_scores(preferences, prior=0.0))  # (X, Y), 0 = worst
+    order = zermelo_scores(preferences, prior=0.0).argsort(-1)  # responses, worst first
+    rank = order.argsort(-1)  # (X, Y): each response's rank, 0 = worst
     pi_in_rank_order = torch.zeros_like(pi).scatter(1, rank, pi)
     cdf = F.pad(pi_in_rank_order.cumsum(-1), (1, 0))  # (X, Y + 1), cdf[:, m] = P(rank < m)
     lower = torch.minimum(rank[:, first], rank[:, second])  # (X, pairs)
@@ -1877,12 +1854,6 @@ def theory_optimality(betas=(0.1, 0.5, 1.0), schemes=("uniform", "on-policy", "b
             errors[beta, scheme] = float(error)
     return errors
 
-def theory_soft_dpo(betas=(0.1, 0.5, 1.0)):
-    """Claim 1, for DPO on soft labels: with exact preferences (uniform pairs) its minimizer is
-    iREPO's, pi*. Returns {beta: max |log pi - log pi*|}."""
-    errors = theory_optimality(betas, ("uniform",), soft_dpo_loss)
-    return {beta: error for (beta, _), error in errors.items()}
-
 def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5):
     """Claim 2: with N annotators per pair (votes ~ Binomial(N, P)), J(pi*) - J(pi_N) =
     beta KL(pi_N || pi*) falls as N grows. Returns {N: (mean, stderr)}, a world per seed."""
@@ -1915,10 +1886,9 @@ def theory_iterations(ts=(1, 2, 3), beta=1.0):
     return errors
 
 def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
-    """Claim 4: each prompt has 4 responses and one pair (0, 1) with a single Bradley-Terry vote;
-    gradient descent on DPO and on iREPO from pi_ref, where iREPO's p_hat is 0.75 for the winner
-    of the vote (target logit +-log 3). Returns rows (step, DPO gap, iREPO gap, DPO's mean
-    pi(y_l)); gap: log-ratio of winner - loser."""
+    """Claim 4: one pair (0, 1) of 4 responses per prompt, one Bradley-Terry vote on it (iREPO's
+    p_hat: 0.75 for its winner, target logit +-log 3); gradient descent on DPO, iREPO from pi_ref.
+    Returns rows (step, DPO gap, iREPO gap, DPO's mean pi(y_l)); gap: log-ratio winner - loser."""
     log_ref, rewards = tabular_world(0, prompts=prompts, responses=4)
     generator = torch.Generator().manual_seed(0)
     win_chance = torch.sigmoid(rewards[:, 0] - rewards[:, 1])  # P(response 0 beats 1)
@@ -1942,21 +1912,17 @@ def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
             rows.append((step, gaps["dpo"], gaps["irepo"], float(log_loser.exp().mean())))
     return rows
 
-def log_log_slopes(suboptimality):
-    """The slope of log mean suboptimality against log N, by least squares over every N, and
-    the chord over the last three N (16, 64, 256 by default); input as theory_annotators'."""
-    log_n = torch.tensor([math.log(n) for n in suboptimality], dtype=torch.float64)
-    log_mean = torch.tensor([math.log(mean) for mean, _ in suboptimality.values()],
-                            dtype=torch.float64)
+def log_log_slope(gaps):
+    """The least-squares slope of log mean suboptimality against log N (theory_annotators')."""
+    log_n = torch.tensor(list(gaps), dtype=torch.float64).log()
+    log_mean = torch.tensor([mean for mean, _ in gaps.values()], dtype=torch.float64).log()
     centred_n = log_n - log_n.mean()
-    slope = float((centred_n * (log_mean - log_mean.mean())).sum() / (centred_n ** 2).sum())
-    tail_slope = float((log_mean[-1] - log_mean[-3]) / (log_n[-1] - log_n[-3]))
-    return slope, tail_slope
+    return float((centred_n * (log_mean - log_mean.mean())).sum() / (centred_n ** 2).sum())
 
 def label_errors(rewards, n_annotators, smoothing, generator):
     """Votes of n_annotators Bradley-Terry annotators on every pair of K responses per prompt,
     ranked and labelled as the loop does. Returns each label's logit error against the chosen
-    pair's true reward difference, (prompts,) per label, and whether all K scores tie."""
+    pair's true reward difference, (prompts,), and whether all K scores tie."""
     prompts, K = rewards.shape
     first, second = torch.triu_indices(K, K, 1)
     preference = torch.sigmoid(rewards[:, first] - rewards[:, second])
@@ -1980,9 +1946,8 @@ def label_errors(rewards, n_annotators, smoothing, generator):
 
 def theory_labels(ks=(2, 4, 8), ns=(2, 8, 32), prompts=4000, smoothing=0.5):
     """Claim 5: bias and rmse of each label's logit against the chosen pair's true reward
-    difference, in a null world (all rewards equal: every true preference is 1/2) and a
-    Bradley-Terry one (rewards ~ N(0, 1)). Returns {(world, K, N): ({label: (bias, rmse)},
-    share of prompts whose K scores all tie)}."""
+    difference, in a null world (all rewards equal) and a Bradley-Terry one (rewards ~ N(0, 1)).
+    Returns {(world, K, N): ({label: (bias, rmse)}, share of prompts whose K scores all tie)}."""
     generator = torch.Generator().manual_seed(0)
     out = {}
     for world in ("null", "bradley-terry"):
@@ -2007,11 +1972,8 @@ def print_label_table():
         cells = [f"{bias:+.2f} / {rmse:.2f}" for bias, rmse in errors.values()]
         print(f"  {world:>13} {K:>2} {n_annotators:>3} " + "".join(f"{cell:>15}" for cell in cells)
               + f"{tied:>7.2f}")
-    print("  p_hat -> P as N grows holds for the pair's own votes only without selection: where\n"
-          "  the votes that chose the pair also label it, the null world gets a preference that\n"
-          "  is not there (bias > 0 at every K and N); fresh votes remove it, though their\n"
-          "  smoothed logit shrinks real differences towards 0. Where preferences are real and\n"
-          "  K > 2, the Zermelo fit pools every pair's votes and has the smallest error.")
+    print("  In the null world the labels that reuse the choosing votes invent a preference (bias\n"
+          "  > 0); fresh votes do not. The README's 'Which soft label' says what follows.")
 
 def theory_report():
     """Print one table per claim. Returns nothing; the tests assert the same functions."""
@@ -2023,18 +1985,17 @@ def theory_report():
     errors = theory_optimality(schemes=schemes)
     for beta in sorted({beta for beta, _ in errors}):
         print(f"  {beta:>6} " + " ".join(f"{errors[beta, scheme]:>12.1e}" for scheme in schemes))
-    soft = theory_soft_dpo()
+    soft = theory_optimality(schemes=("uniform",), loss_fn=soft_dpo_loss)  # the same claim
     print("  DPO on soft labels (soft-dpo), uniform pairs: the same minimizer, max |log pi - log "
-          "pi*|\n  " + ", ".join(f"{error:.1e} at beta {beta}" for beta, error in soft.items()))
+          "pi*|\n  " + ", ".join(f"{error:.1e} at beta {beta}"
+                                 for (beta, _), error in soft.items()))
     print("\nClaim 2. N annotators per pair: suboptimality J(pi*) - J(pi_N) = beta KL(pi_N || pi*)"
           f"\n  beta = 1, uniform pairs, smoothing 0.5, mean over 20 worlds\n  {'N':>5} "
           f"{'beta*KL':>10} {'+-stderr':>10}")
     suboptimality = theory_annotators()
     for n, (mean, stderr) in suboptimality.items():
         print(f"  {n:>5} {mean:>10.5f} {stderr:>10.5f}")
-    slope, tail_slope = log_log_slopes(suboptimality)
-    print(f"  log-log slope: {slope:.2f} over all N, {tail_slope:.2f} over N >= 16 "
-          "(variance alone: -1)")
+    print(f"  log-log slope: {log_log_slope(suboptimality):.2f} (variance alone: -1)")
     print("\nClaim 3. T iterations with reference pi_t reach pi_0 exp(T r / beta) / Z (beta = 1)"
           f"\n  {'T':>3} {'max |log pi_T - log pi*_(beta/T)|':>36}")
     for t, error in theory_iterations().items():
@@ -2057,8 +2018,7 @@ COMPARE_CURVES = {  # curve: (loss, label, betas)
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")  # Okabe-Ito
 
 def interpolate(points, level):
-    """The reward at KL `level`, linearly interpolated along points (kl, reward) taken in order
-    of KL; None outside them."""
+    """The reward at KL `level` on the line through points (kl, reward) in order of KL, or None."""
     points = sorted(points)
     for (kl_0, reward_0), (kl_1, reward_1) in zip(points, points[1:]):
         if kl_0 <= level <= kl_1:
@@ -2085,8 +2045,7 @@ def frontier_line(points):
     return frontier + [(max(points)[0], frontier[-1][1])]
 
 def matched_rewards(rows, levels):
-    """{curve: {level: [reward per seed]}}: each seed's frontier_line over every beta,
-    interpolated at each level; outside the line, None."""
+    """{curve: {level: [reward per seed]}}: each seed's frontier_line interpolated at each level."""
     table = {}
     for (curve, seed), points in sorted(points_by_seed(rows).items()):
         for level in levels:
@@ -2097,8 +2056,7 @@ def matched_rewards(rows, levels):
 
 def verdict(table, level):
     """'first > second' for each ordered pair of curves where every seed of first beats every
-    seed of second at this level; else 'within noise'. What a verdict is worth: README,
-    'Verdicts, and how many'."""
+    seed of second at this level; else 'within noise' (README: 'Verdicts, and how many')."""
     rewards_by_curve = {curve: by_level[level] for curve, by_level in table.items()
                         if len(by_level.get(level, [])) >= 2}  # the curves with 2 seeds or more
     wins = []
@@ -2177,15 +2135,11 @@ def frontier_svg(rows, table, curves, title):
              element("text", "KL(pi_0 || pi_t), nats", x=(LEFT + RIGHT) / 2, y=BOTTOM + 40),
              element("text", "true reward (simulated panel's hidden reward)", x=0, y=0,
                      transform=f"translate(18 {(TOP + BOTTOM) / 2}) rotate(-90)")]
-    for kl in kl_ticks:  # grid lines and tick labels; data-tick-*: the value of each
-        parts += [element("line", x1=kl_pixel(kl), x2=kl_pixel(kl), y1=TOP, y2=BOTTOM,
-                          stroke="#ddd"),
-                  element("text", f"{kl:g}", x=kl_pixel(kl), y=BOTTOM + 18, data_tick_kl=kl)]
+    for kl in kl_ticks:  # tick labels; data-tick-*: the value of each
+        parts.append(element("text", f"{kl:g}", x=kl_pixel(kl), y=BOTTOM + 18, data_tick_kl=kl))
     for reward in reward_ticks:
-        parts += [element("line", x1=LEFT, x2=RIGHT, y1=reward_pixel(reward),
-                          y2=reward_pixel(reward), stroke="#ddd"),
-                  element("text", f"{reward:g}", x=LEFT - 16, y=reward_pixel(reward),
-                          dominant_baseline="middle", data_tick_reward=reward)]
+        parts.append(element("text", f"{reward:g}", x=LEFT - 16, y=reward_pixel(reward),
+                             dominant_baseline="middle", data_tick_reward=reward))
     colours = {curve: COLOURS[index % len(COLOURS)] for index, curve in enumerate(curves)}
     for index, (curve, (loss, label, betas)) in enumerate(curves.items()):
         legend = f"{curve}: {loss}, {label} label, beta {', '.join(map(str, betas))}"

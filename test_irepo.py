@@ -1632,7 +1632,7 @@ def test_kl_metrics_recomputed_from_the_saved_files(uninterrupted_out):
     assert rows[2]["kl_to_initial"] > 0.02  # three iterations moved away from pi_0
 
 
-class RewardOrder(irepo.Annotator):
+class RewardOrder:
     """A deterministic annotator: 1 if a has the higher hidden reward, 0 if b has, 1/2 if tied."""
 
     def compare(self, prompts, texts_a, texts_b):
@@ -1799,7 +1799,8 @@ def test_soft_dpo_hand_computed_and_its_minimizer():
     got = irepo.soft_dpo_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([0.0]), 0.5)
     expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
     assert float(got) == pytest.approx(expected, abs=1e-6)
-    assert max(irepo.theory_soft_dpo().values()) < 1e-5
+    soft = irepo.theory_optimality(schemes=("uniform",), loss_fn=irepo.soft_dpo_loss)
+    assert max(soft.values()) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
