@@ -2129,6 +2129,8 @@ def frontier_svg(rows, table, curves, title):
     kl_ticks, kl_pixel = axis(0, max(max(line)[0] for line in lines.values()), LEFT, RIGHT)
     reward_ticks, reward_pixel = axis(min(rewards), max(rewards), BOTTOM, TOP)
     parts = [element("rect", width="100%", height="100%", fill="white"),
+             element("rect", x=LEFT, y=TOP, width=RIGHT - LEFT, height=BOTTOM - TOP, fill="none",
+                     stroke="#999"),  # the frame: its edges are the first and last ticks
              element("text", title, x=10, y=20, font_size=13, text_anchor="start"),
              element("text", "thin lines: each seed's frontier over every beta; dots and bars: "
                      "mean +- 1 std at the table's KL levels", x=10, y=38, text_anchor="start"),
