@@ -609,6 +609,19 @@ def test_pairs_file_with_text_only_and_degenerate_pairs(warm_tiny, tmp_path):
     assert [p["target_logit"] for p in saved] == pytest.approx([math.log(9.0), math.log(4.0), math.log(1.5 / 3.5)])
 
 
+def test_a_chunk_left_without_pairs_stops_with_one_line(warm_tiny, tmp_path):
+    """Given pairs that are all ties (p_hat = 1/2) leave DPO nothing to learn from: without_ties
+    drops them, and the run stops with one line that names ties, not responses, as the cause."""
+    path = tmp_path / "ties.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"review the {topic}", "response_a": f"the {topic} was great .",
+                                        "response_b": f"the {topic} was bad .", "votes_a": 2, "n_annotators": 4}) + "\n"
+                            for topic in ("hotel", "car")))
+    out = tmp_path / "run"
+    proc = small_tiny_run(warm_tiny, str(out), "--pairs", str(path), "--loss", "dpo")
+    assert_one_line_error(proc, "iteration 1: no pair is left to learn from (identical or empty "
+                                "responses, or ties under dpo/ipo)")
+
+
 def assert_main_stops(argv, message):
     """In-process twin of assert_one_line_error, for the many cheap cases."""
     import contextlib
