@@ -20,7 +20,7 @@ Run it:
   python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
   python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
-  python irepo.py --compare            # reward-KL frontier of 5 curves, frontier.svg, ~4 minutes
+  python irepo.py --compare            # reward-KL frontier of 5 curves, frontier.svg, ~3.5 min
   python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl --prompts uf.jsonl       # GPU
   torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 --sft ultrachat.jsonl \
       --prompts uf.jsonl               # 8 GPUs
