@@ -1530,8 +1530,8 @@ def publish(folder, model, tokenizer, files):
     a folder that exists is complete."""
     shutil.rmtree(folder + ".tmp", ignore_errors=True)
     model.save_pretrained(folder + ".tmp", state_dict=plain_state_dict(model))
-    if lora_wrappers(model):  # the plain model's weights are rounded; the adapters are exact
-        adapters = {name: module.frozen for name, module in lora_wrappers(model)}
+    adapters = {name: module.frozen for name, module in lora_wrappers(model)}
+    if adapters:  # the plain model's weights are rounded; the adapters are exact
         torch.save(adapters, os.path.join(folder + ".tmp", "adapters.pt"))
     tokenizer.save_pretrained(folder + ".tmp")
     for name, text in files.items():
