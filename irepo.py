@@ -73,7 +73,8 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
     annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL'"),
     beta=(float, "> 0", 1.0, "beta, the KL strength in r = beta*log(pi/pi_ref)"),
-    smoothing=(float, "> 0 (a unanimous panel's logit is infinite)", 0.5, "pseudo-votes a side"),
+    smoothing=(float, ">= 1e-6 (at 0 a unanimous panel's logit is infinite)", 0.5,
+               "pseudo-votes a side"),
     label=(str, ("zermelo", "votes", "fresh"), "zermelo", "p_hat: the fit, pair's or fresh votes"),
     sharpness=(float, ">= 0", 1.0, "s in the simulated votes sigma(s*(r_a - r_b))"),
     # optimization
@@ -113,38 +114,54 @@ PRESETS = {
 }
 
 # --- Soft labels and ranking (used by steps 3-4).
-def empirical_preference(votes_a, n_annotators, smoothing=0.5):
-    """p_hat(a > b) = (votes for a + smoothing) / (N + 2 * smoothing): the paper's mean of the N
-    votes, plus `smoothing` votes a side so that its logit is finite at 0 and N votes (README)."""
-    return (votes_a + smoothing) / (n_annotators + 2 * smoothing)
+def vote_share_logit(votes_a, n_annotators, smoothing):
+    """logit p_hat(a > b) for the pair's smoothed vote share p_hat = (v + smoothing) / (N + 2 *
+    smoothing): v of the N votes for a, plus `smoothing` pseudo-votes a side, so that the logit
+    is finite at 0 and N votes. Taken as log(v + smoothing) - log(N - v + smoothing), never
+    through p_hat, which rounds to exactly 1 for a small smoothing and a large N."""
+    return torch.log(votes_a + smoothing) - torch.log(n_annotators - votes_a + smoothing)
 
 def preference_logit(p):
     """logit p = log p - log(1 - p): the reward difference that Bradley-Terry assigns to p."""
     return torch.log(p) - torch.log1p(-p)
 
-def zermelo_scores(wins, prior=0.1, iters=500, tol=1e-9):
-    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths from win counts, by Zermelo's
-    (1929) fixed point, the MM algorithm: gamma_i <- W_i / sum_j [games_ij / (gamma_i + gamma_j)].
+def zermelo_scores(wins, smoothing):
+    """Bradley-Terry (Zermelo) maximum-likelihood log-strengths s from win counts: Newton's method
+    in float64 on the log-likelihood sum_ij votes_ij log sigma(s_i - s_j), to convergence.
 
     Args:
         wins: (..., K, K); wins[..., i, j] = votes for i over j (may be fractional).
-        prior: pseudo-votes added to every ordered pair, so an undefeated response gets a
-            finite score (the MLE alone would send it to infinity).
-    Returns: (..., K) log-strengths, centred to mean 0."""
+        smoothing: pseudo-votes added to every ordered pair, so an undefeated response gets a
+            finite score (the likelihood alone would send it to infinity).
+    Returns: (..., K) float64 log-strengths, centred to mean 0."""
     K = wins.shape[-1]
-    off_diagonal = 1.0 - torch.eye(K, dtype=torch.float64)
-    votes = (wins.double() + prior) * off_diagonal  # (..., K, K)
+    others = 1.0 - torch.eye(K, dtype=torch.float64)
+    votes = (wins.double() + smoothing) * others  # (..., K, K)
     games = votes + votes.transpose(-1, -2)  # comparisons between i and j
-    total_wins = votes.sum(-1)  # W_i
-    gamma = torch.ones(wins.shape[:-1], dtype=torch.float64)
-    for _ in range(iters):
-        updated = total_wins / (games / (gamma[..., :, None] + gamma[..., None, :])).sum(-1)
-        updated = updated / torch.exp(torch.log(updated).mean(-1, keepdim=True))  # fix the scale
-        converged = (updated - gamma).abs().max() < tol
-        gamma = updated
-        if converged:
-            break
-    return torch.log(gamma).float()
+    # Newton's step times 1, 1/2, ..., 2^-39, or 0: the longest that shrinks the gradient
+    sizes = torch.cat([0.5 ** torch.arange(40.0), torch.zeros(1)]).double()[:, None]
+
+    def gradient(scores, votes, games):  # of the log-likelihood, (..., K), summing to 0
+        p = torch.sigmoid(scores[..., :, None] - scores[..., None, :])  # P(i beats j)
+        return (votes - games * p).sum(-1), p
+    # start from the least-squares fit of s_i - s_j to log(votes_ij / votes_ji): close already
+    scores = ((votes.log() - votes.transpose(-1, -2).log()).nan_to_num() * others).mean(-1)
+    for _ in range(100):  # at most 22 steps seen: K <= 64, N <= 1e5, smoothing >= 1e-6
+        slope, p = gradient(scores, votes, games)
+        weights = games * p * (1 - p)  # minus the Hessian is the Laplacian of these weights
+        laplacian = torch.diag_embed(weights.sum(-1)) - weights
+        # + 1/K everywhere makes it invertible and keeps the step's mean at 0, as the scores'
+        step = torch.linalg.solve(laplacian + 1.0 / K, slope)
+        tries = scores.unsqueeze(-2) + sizes * step.unsqueeze(-2)  # (..., 41, K)
+        tried, _ = gradient(tries, votes.unsqueeze(-3), games.unsqueeze(-3))
+        shrinks = (tried ** 2).sum(-1) < (slope ** 2).sum(-1).unsqueeze(-1)  # (..., 41)
+        shrinks[..., -1] = True  # a short enough step always shrinks it, until rounding rules
+        longest = shrinks.int().argmax(-1)  # the first True
+        rounding = slope.abs().amax(-1) <= 1e-13 * games.sum((-1, -2))  # float64 can tell no more
+        if ((longest == len(sizes) - 1) | (step.abs().amax(-1) < 1e-10) | rounding).all():
+            return scores  # converged, or as close as float64 can tell
+        scores = tries.gather(-2, longest[..., None, None].expand(*longest.shape, 1, K))[..., 0, :]
+    raise ArithmeticError("the Zermelo fit did not converge in 100 Newton steps")
 
 # --- Losses (step 6): pure functions, per pair, one signature. a is the best response and b the
 # worst; logratio = log pi_theta(y|x) - log pi_t(y|x), summed over response tokens, and
@@ -311,7 +328,7 @@ def rank_responses(wins, smoothing):
     """Step 3: Zermelo scores (..., K) from the votes on every pair, with `smoothing` pseudo-votes
     per ordered pair, and the best and the worst response. When all K scores tie, argmax and
     argmin would name one response twice: the worst is the lowest of the others."""
-    scores = zermelo_scores(wins, prior=smoothing)
+    scores = zermelo_scores(wins, smoothing)
     best = scores.argmax(-1)
     worst = scores.scatter(-1, best[..., None], float("inf")).argmin(-1)
     return scores, best, worst
@@ -334,11 +351,11 @@ def annotate(panel, prompts, texts, k, smoothing, label):
     scores, best, worst = rank_responses(wins, smoothing)  # step 3: scores (prompts, k)
     rows = torch.arange(len(prompts))
     votes_best = wins[rows, best, worst]
-    if label == "zermelo":  # step 4: the fitted model's preference, w_best / (w_best + w_worst)
-        p_hat = torch.sigmoid(scores[rows, best] - scores[rows, worst])
+    if label == "zermelo":  # step 4: the fit's w_best / (w_best + w_worst), whose logit is
+        target_logit = scores[rows, best] - scores[rows, worst]  # s_best - s_worst
     else:  # the pair's own votes (with --label fresh, a stand-in until fresh_votes)
-        p_hat = empirical_preference(votes_best, n_annotators, smoothing)
-    target_logit = preference_logit(p_hat)
+        target_logit = vote_share_logit(votes_best.double(), n_annotators, smoothing)
+    p_hat = torch.sigmoid(target_logit)  # for display and the files; training reads the logit
     return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
                  n_annotators=n_annotators, p_hat=float(p_hat[q]),
                  target_logit=float(target_logit[q]), label=label,
@@ -350,10 +367,11 @@ def fresh_votes(panel, rows, smoothing):
     votes, not the ones that chose the pair, are its label: the choice cannot bias them."""
     answers = panel.compare([row["prompt"] for row in rows], [row["response_a"] for row in rows],
                             [row["response_b"] for row in rows])  # (pairs, N)
-    p_hat = empirical_preference(answers.sum(-1), answers.shape[1], smoothing)
-    for row, votes_a, p, logit in zip(rows, answers.sum(-1).tolist(), p_hat.tolist(),
-                                      preference_logit(p_hat).tolist()):
-        row.update(votes_a=votes_a, n_annotators=answers.shape[1], p_hat=p, target_logit=logit)
+    votes = answers.double().sum(-1)
+    target_logit = vote_share_logit(votes, answers.shape[1], smoothing)
+    for row, votes_a, p_hat, logit in zip(rows, votes.tolist(), target_logit.sigmoid().tolist(),
+                                          target_logit.tolist()):
+        row.update(votes_a=votes_a, n_annotators=answers.shape[1], p_hat=p_hat, target_logit=logit)
 
 def degenerate(text_a, text_b):
     """Nothing can be learned from identical responses, or empty ones (truncated to nothing too)."""
@@ -403,12 +421,16 @@ def without_ties(rows, loss):
     return kept, len(rows) - len(kept)
 
 def check_targets(rows, t):
-    """The pairs' target logits, after checking that a pair is left to learn from. They are
-    finite by construction: smoothing > 0, and read_pairs checks a given p_hat to lie in (0, 1)."""
+    """The pairs' target logits (P,), after checking that a pair is left to learn from and that
+    every target is finite in float32 (a --pairs file can hold any number)."""
     if not rows:
         fail(f"iteration {t + 1}: no pair is left to learn from (identical or empty responses, or "
              "ties under dpo/ipo); try a higher --temperature, more --num-responses or pairs")
-    return torch.tensor([row["target_logit"] for row in rows])
+    target = torch.tensor([row["target_logit"] for row in rows])
+    if not torch.isfinite(target).all():
+        fail(f"iteration {t + 1}: a target logit is not finite in float32; try a larger "
+             "--smoothing, or check the labels of --pairs")
+    return target
 
 # --- Steps 5-6: the reference log-probs, then the regression.
 def reference_logprobs(model, rows, pad_id, batch_size):
@@ -504,7 +526,7 @@ def evaluate(model, tokenizer, panel, held_out, previous, t, args, batch_size):
     """pi_{t+1}'s held-out samples; its win-rate against pi_0's and true reward; the KL from
     pi_t (whose samples are `previous`) and from pi_0. Returns (metrics, pi_{t+1}'s Samples)."""
     torch.manual_seed(phase_seed(args.seed, t, "eval"))
-    panel.gen.manual_seed(phase_seed(args.seed, t, "eval"))
+    panel.gen.manual_seed(phase_seed(args.seed, t, "eval_votes"))  # a stream of its own
     current = held_out_samples(model, tokenizer, held_out, args, batch_size, f"iter {t + 1} eval")
     win_rate = panel.compare(held_out.prompts, current.texts, held_out.initial.texts).mean()
     true_reward = panel.reward(current.texts)
@@ -555,8 +577,8 @@ def run(args):
         try:
             fitted, tokens = train(state.model, rows, reference_a, reference_b, state.pad_id, args)
         except FloatingPointError as error:
-            fail(f"iteration {t + 1}: {error}; try a lower --lr ({t} complete iterations are "
-                 f"kept in {args.out}/)")
+            fail(f"iteration {t + 1}: {error} (the targets are finite: the model diverged); try "
+                 f"a lower --lr ({t} complete iterations are kept in {args.out}/)")
         seconds_train = time.time() - tic
 
         # 7. Evaluate pi_{t+1}: win-rate against pi_0 and true reward on held-out prompts; KL.
@@ -827,8 +849,8 @@ def pair_target(row, where, smoothing):
     votes_a = check(row, where, "votes_a",
                     lambda value: is_number(value) and 0 <= value <= n_annotators,
                     "a number in [0, n_annotators]")
-    p_hat = empirical_preference(torch.tensor(float(votes_a)), n_annotators, smoothing)
-    return float(preference_logit(p_hat))
+    return float(vote_share_logit(torch.tensor(float(votes_a), dtype=torch.float64),
+                                  n_annotators, smoothing))
 
 def read_pairs(path, smoothing):
     """(file:line, pair) for each line, in iteration_t/pairs.jsonl's format: 'prompt', 'response_a',
@@ -1431,7 +1453,8 @@ def on_main(function, *arguments):
 # killed run keeps its complete iterations; --resume goes on after them, on the same random streams.
 NOT_RUN_SETTINGS = {"out", "resume", "overwrite", "warmup", "theory", "compare", "annotator_specs"}
 RUN_FILES = {"config.json", "metrics.jsonl", "initial_eval.json"}
-PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4, "label": 5, "initial": 6}
+PHASES = {"sample": 1, "annotate": 2, "train": 3, "eval": 4, "label": 5, "initial": 6,
+          "eval_votes": 7}
 
 def phase_seed(seed, iteration, phase):
     """A seed per phase, iteration and process: a resumed run draws what an uninterrupted one
@@ -1803,7 +1826,7 @@ def pair_weights(scheme, log_pi, rewards, k=4):
         return 2 * pi[:, first] * pi[:, second]
     not_self = 1 - torch.eye(responses, dtype=rewards.dtype)
     preferences = torch.sigmoid(rewards[:, :, None] - rewards[:, None, :]) * not_self
-    order = zermelo_scores(preferences, prior=0.0).argsort(-1)  # responses, worst first
+    order = zermelo_scores(preferences, 0.0).argsort(-1)  # responses, worst first
     rank = order.argsort(-1)  # (X, Y): each response's rank, 0 = worst
     pi_in_rank_order = torch.zeros_like(pi).scatter(1, rank, pi)
     cdf = F.pad(pi_in_rank_order.cumsum(-1), (1, 0))  # (X, Y + 1), cdf[:, m] = P(rank < m)
@@ -1866,7 +1889,7 @@ def theory_annotators(ns=(1, 4, 16, 64, 256), seeds=20, beta=1.0, smoothing=0.5)
         for n in ns:
             trials = torch.full_like(preferences, float(n))
             votes = torch.binomial(trials, preferences, generator=generator)
-            targets = preference_logit(empirical_preference(votes, n, smoothing))
+            targets = vote_share_logit(votes, n, smoothing)
             log_pi = fit_tabular(log_ref, targets, beta, rounds=1)
             suboptimality[n].append(float((beta * kl(log_pi, log_optimal)).mean()))
     return {n: (float(torch.tensor(per_world).mean()),
@@ -1893,7 +1916,7 @@ def theory_hard_labels(steps=4000, every=1000, beta=0.1, lr=1.0, prompts=8):
     generator = torch.Generator().manual_seed(0)
     win_chance = torch.sigmoid(rewards[:, 0] - rewards[:, 1])  # P(response 0 beats 1)
     vote = torch.bernoulli(win_chance, generator=generator)  # the single vote: 1 if 0 won
-    target = preference_logit(empirical_preference(vote, 1, 0.5))  # +-log 3
+    target = vote_share_logit(vote, 1, 0.5)  # +-log 3
     sign = torch.where(target >= 0, 1.0, -1.0).double()  # +1 where response 0 won the vote
     logits_by_loss = {name: log_ref.clone().requires_grad_(True) for name in ("dpo", "irepo")}
     rows = []
@@ -1938,9 +1961,9 @@ def label_errors(rewards, n_annotators, smoothing, generator):
                            generator=generator)
     own_votes = wins[rows, best, worst]
     errors = {
-        "votes": preference_logit(empirical_preference(own_votes, n_annotators, smoothing)),
+        "votes": vote_share_logit(own_votes, n_annotators, smoothing),
         "zermelo": scores[rows, best] - scores[rows, worst],
-        "fresh": preference_logit(empirical_preference(fresh, n_annotators, smoothing))}
+        "fresh": vote_share_logit(fresh, n_annotators, smoothing)}
     errors = {label: logit - truth for label, logit in errors.items()}
     return errors, (scores.max(-1).values - scores.min(-1).values) < 1e-6
 
@@ -2072,7 +2095,10 @@ def matched_levels(rows, count=5):
     kls_by_seed = [[kl_to_initial for kl_to_initial, _ in points]
                    for points in points_by_seed(rows).values()]
     low, high = max(min(kls) for kls in kls_by_seed), min(max(kls) for kls in kls_by_seed)
-    return [low + (high - low) * i / (count - 1) for i in range(count)] if high > low else []
+    if not high > low:
+        return []
+    # the last level is `high` itself: low + (high - low) can round one ulp above it
+    return [low + (high - low) * i / (count - 1) for i in range(count - 1)] + [high]
 
 def mean_and_std(rewards):
     """(mean, std) of the seeds' rewards; std 0 for one seed."""
@@ -2112,7 +2138,9 @@ def axis(low, high, start, end):
     rough = (high - low) / 5 or 1.0
     power = 10 ** math.floor(math.log10(rough))
     step = next(power * multiple for multiple in (1, 2, 5, 10) if power * multiple >= rough)
-    ticks = [round(i * step, 12) for i in range(math.floor(low / step), math.ceil(high / step) + 1)]
+    first = math.floor(low / step)
+    last = max(math.ceil(high / step), first + 1)  # two ticks at least, when low == high too
+    ticks = [round(i * step, 12) for i in range(first, last + 1)]
 
     def pixel(value):
         return round(start + (end - start) * (value - ticks[0]) / (ticks[-1] - ticks[0]), 2)
@@ -2126,7 +2154,8 @@ def frontier_svg(rows, table, curves, title):
             for curve, by_level in table.items() for level, rewards in by_level.items()}
     rewards = [reward for line in lines.values() for _, reward in line] + [
         mean + sign * std for mean, std in bars.values() for sign in (-1, 1)]
-    kl_ticks, kl_pixel = axis(0, max(max(line)[0] for line in lines.values()), LEFT, RIGHT)
+    kls = [kl for line in lines.values() for kl, _ in line]  # an estimate can be below 0
+    kl_ticks, kl_pixel = axis(min(0, min(kls)), max(kls), LEFT, RIGHT)
     reward_ticks, reward_pixel = axis(min(rewards), max(rewards), BOTTOM, TOP)
     parts = [element("rect", width="100%", height="100%", fill="white"),
              element("rect", x=LEFT, y=TOP, width=RIGHT - LEFT, height=BOTTOM - TOP, fill="none",
