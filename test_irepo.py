@@ -1545,6 +1545,34 @@ def test_at_learning_rate_zero_h_is_zero_and_the_loss_is_target_squared(warm_tin
     assert fitted["regression_mse"] == pytest.approx(float((targets ** 2).mean()), abs=1e-4)
 
 
+def test_diagnostics_at_beta_one_half_are_hand_computed(warm_tiny):
+    """Silent bug caught: the per-pair beta * h behind reward_margin, regression_mse and
+    sign_agreement computed without its beta (the other tests of them run at beta = 1). At
+    learning rate 0 and beta = 0.5, with each pair's references lowered by known offsets, the
+    log-ratios are those offsets: h = offset_a - offset_b, beta * h = (1, -2, 3, 1, -2, -3, 1, 2)
+    against targets (1, -2, 3, -1, 2, -3, 1, -2), so reward_margin = mean beta * h = 1/8,
+    regression_mse = (4 + 16 + 16) / 8 = 4.5 (the loss too) and sign_agreement = 5/8. Without
+    beta they would read 1/4, 105/8 and 5/8."""
+    args = irepo.parse_args(["--beta", "0.5", "--epochs", "1", "--batch-size", "4",
+                             "--micro-batch-size", "4"])
+    args.lr = 0.0  # the command line refuses 0; the function takes it
+    model, tokenizer = irepo.load_policy(args, torch.device("cpu"), warm_tiny)
+    rows = review_pairs(tokenizer, 8)
+    targets = [row["target_logit"] for row in rows]
+    assert targets == [1.0, -2.0, 3.0, -1.0, 2.0, -3.0, 1.0, -2.0]
+    offset_a = torch.tensor([1.0, -3.0, 4.0, 1.0, -1.0, -2.0, 0.0, 3.0])
+    offset_b = torch.tensor([-1.0, 1.0, -2.0, -1.0, 3.0, 4.0, -2.0, -1.0])
+    assert (0.5 * (offset_a - offset_b)).tolist() == [1.0, -2.0, 3.0, 1.0, -2.0, -3.0, 1.0, 2.0]
+    reference_a, reference_b = irepo.reference_logprobs(model, rows, tokenizer.pad_token_id, 4)
+    torch.manual_seed(0)
+    fitted, _ = irepo.train(model, rows, reference_a - offset_a, reference_b - offset_b,
+                            tokenizer.pad_token_id, args)
+    assert fitted["reward_margin"] == pytest.approx(1 / 8, abs=1e-4)
+    assert fitted["regression_mse"] == pytest.approx(4.5, abs=1e-4)
+    assert fitted["loss"] == pytest.approx(4.5, abs=1e-4)
+    assert fitted["sign_agreement"] == 5 / 8
+
+
 def test_training_fits_a_handful_of_pairs(warm_tiny):
     """Silent bug caught: a policy that is its own reference (h = 0 whatever it learns), or a
     learning rate that never leaves 0. On 8 fixed pairs and 40 epochs the regression fits:
