@@ -24,6 +24,27 @@ import irepo
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def default_signals():
+    """Run in each child before it starts: SIGINT and SIGTERM at their default disposition. A
+    shell starts a background job (`pytest ... &`) with SIGINT ignored, an ignored signal stays
+    ignored in the children, and Python then installs no KeyboardInterrupt handler."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def child(command, timeout=300, popen=False, **env):
+    """Start a child process the same way however the suite was launched: offline, its signals
+    at their defaults, stdin empty (a background job that reads the terminal is stopped), its
+    output captured as text; `env` adds or replaces variables. Waits up to `timeout` seconds,
+    or, with popen, returns the running process."""
+    options = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True, preexec_fn=default_signals,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
+    if popen:
+        return subprocess.Popen(command, **options)
+    return subprocess.run(command, timeout=timeout, **options)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared fixtures: tiny random-weight models of real architectures, built offline.
 # ---------------------------------------------------------------------------------------------
@@ -314,8 +335,7 @@ def test_bad_prompts_files_name_the_file_and_line(tmp_path, capsys):
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     """The real command line: exit status 2, one line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "irepo.py"), "--num-responses", "1",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = cli("--num-responses", "1", "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "irepo.py: error: --num-responses 1: must be >= 2 (a pair needs two responses)"
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -476,11 +496,9 @@ TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_reference", "secon
                "train_tokens_per_s", "peak_memory_mb"}
 
 
-def cli(*argv, timeout=300):
-    """Run the real command line, offline."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "irepo.py"), *argv], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def cli(*argv, timeout=300, popen=False, **env):
+    """Run the real command line, as child() starts it."""
+    return child([sys.executable, os.path.join(HERE, "irepo.py"), *argv], timeout, popen, **env)
 
 
 def assert_one_line_error(proc, message):
@@ -544,7 +562,8 @@ def uninterrupted(uninterrupted_out):
     return metrics_without_timing(uninterrupted_out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda sig: sig.name)
 def test_killed_run_resumes_to_the_same_metrics(warm_tiny, uninterrupted, tmp_path, sig):
     """A run killed mid-iteration (after iteration 1 is complete) and resumed with --resume ends
     with the same metrics as an uninterrupted run, bit for bit apart from wall-clock timings.
@@ -552,9 +571,7 @@ def test_killed_run_resumes_to_the_same_metrics(warm_tiny, uninterrupted, tmp_pa
     out = tmp_path / "run"
     os.makedirs(out)
     shutil.copytree(warm_tiny, out / "warmup")
-    argv = [sys.executable, os.path.join(HERE, "irepo.py"), *small_run_args(out, "--iterations", "3")]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = cli(*small_run_args(out, "--iterations", "3"), popen=True)
     deadline = time.time() + 240
     while not (out / "iteration_1").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -1315,14 +1332,11 @@ def test_a_marker_of_several_tokens_is_cut_after_its_text():
 # Many processes: torchrun with 2 CPU processes over gloo. Every launch has a timeout.
 # ---------------------------------------------------------------------------------------------
 
-def torchrun(*argv, script=None, timeout=240, **popen):
-    """`torchrun --standalone --nproc_per_node 2` on irepo.py (or a script), offline."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           script or os.path.join(HERE, "irepo.py"), *argv]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE)
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def torchrun(*argv, script=None, timeout=240, popen=False):
+    """`torchrun --standalone --nproc_per_node 2` on irepo.py (or a script), started by child()."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", script or os.path.join(HERE, "irepo.py"), *argv]
+    return child(command, timeout, popen, PYTHONPATH=HERE)
 
 
 def our_errors(stderr):
