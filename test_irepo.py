@@ -16,6 +16,14 @@ import sys
 import time
 from types import SimpleNamespace
 
+# However the suite is launched, it runs on the CPU in one process (the numbers below are fp32
+# CPU numbers): a GPU, if any, is hidden from it and its children, and torchrun's variables from
+# a surrounding job are dropped before irepo reads them (the many-process tests start their own).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+             "MASTER_PORT"):
+    os.environ.pop(name, None)
+
 import pytest
 import torch
 
@@ -1007,9 +1015,12 @@ def test_judge_mixed_with_simulated(warm_tiny, llm_dirs, tmp_path):
 
 
 def test_models_and_annotators_that_cannot_be_loaded(warm_tiny, tmp_path):
-    """A hub name without network says it cannot be downloaded; a folder that is not a model
-    says so; a malformed panel is named."""
-    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"))
+    """A hub name without network says it cannot be downloaded (with an empty Hugging Face
+    cache: a copy cached on this machine would load); a folder that is not a model says so; a
+    malformed panel is named."""
+    empty_cache = str(tmp_path / "cache")
+    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"), HF_HOME=empty_cache,
+               HF_HUB_CACHE=empty_cache)
     assert_one_line_error(proc, "--model microsoft/phi-2: cannot be loaded (cannot be downloaded: "
                                 "no network, or no such model;")
     assert "use --model tiny or a local folder" in proc.stderr
