@@ -16,12 +16,41 @@ import sys
 import time
 from types import SimpleNamespace
 
+# However the suite is launched, it runs on the CPU in one process (the numbers below are fp32
+# CPU numbers): a GPU, if any, is hidden from it and its children, and torchrun's variables from
+# a surrounding job are dropped before irepo reads them (the many-process tests start their own).
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+             "MASTER_PORT"):
+    os.environ.pop(name, None)
+
 import pytest
 import torch
 
 import irepo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def default_signals():
+    """Run in each child before it starts: SIGINT and SIGTERM at their default disposition. A
+    shell starts a background job (`pytest ... &`) with SIGINT ignored, an ignored signal stays
+    ignored in the children, and Python then installs no KeyboardInterrupt handler."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_DFL)
+
+
+def child(command, timeout=300, popen=False, **env):
+    """Start a child process the same way however the suite was launched: offline, its signals
+    at their defaults, stdin empty (a background job that reads the terminal is stopped), its
+    output captured as text; `env` adds or replaces variables. Waits up to `timeout` seconds,
+    or, with popen, returns the running process."""
+    options = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                   text=True, preexec_fn=default_signals,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
+    if popen:
+        return subprocess.Popen(command, **options)
+    return subprocess.run(command, timeout=timeout, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,8 +387,7 @@ def test_bad_prompts_files_name_the_file_and_line(tmp_path, capsys):
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     """The real command line: exit status 2, one line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "irepo.py"), "--num-responses", "1",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    proc = cli("--num-responses", "1", "--out", str(tmp_path), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "irepo.py: error: --num-responses 1: must be >= 2 (a pair needs two responses)"
     assert "Traceback" not in proc.stderr + proc.stdout
@@ -520,11 +548,9 @@ TIMING_KEYS = {"seconds_sample", "seconds_annotate", "seconds_reference", "secon
                "train_tokens_per_s", "peak_memory_mb"}
 
 
-def cli(*argv, timeout=300):
-    """Run the real command line, offline."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "irepo.py"), *argv], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def cli(*argv, timeout=300, popen=False, **env):
+    """Run the real command line, as child() starts it."""
+    return child([sys.executable, os.path.join(HERE, "irepo.py"), *argv], timeout, popen, **env)
 
 
 def assert_one_line_error(proc, message):
@@ -588,7 +614,8 @@ def uninterrupted(uninterrupted_out):
     return metrics_without_timing(uninterrupted_out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT],
+                         ids=lambda sig: sig.name)
 def test_killed_run_resumes_to_the_same_metrics(warm_tiny, uninterrupted, tmp_path, sig):
     """A run killed mid-iteration (after iteration 1 is complete) and resumed with --resume ends
     with the same metrics as an uninterrupted run, bit for bit apart from wall-clock timings.
@@ -596,9 +623,7 @@ def test_killed_run_resumes_to_the_same_metrics(warm_tiny, uninterrupted, tmp_pa
     out = tmp_path / "run"
     os.makedirs(out)
     shutil.copytree(warm_tiny, out / "warmup")
-    argv = [sys.executable, os.path.join(HERE, "irepo.py"), *small_run_args(out, "--iterations", "3")]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    proc = cli(*small_run_args(out, "--iterations", "3"), popen=True)
     deadline = time.time() + 240
     while not (out / "iteration_1").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -1034,9 +1059,12 @@ def test_judge_mixed_with_simulated(warm_tiny, llm_dirs, tmp_path):
 
 
 def test_models_and_annotators_that_cannot_be_loaded(warm_tiny, tmp_path):
-    """A hub name without network says it cannot be downloaded; a folder that is not a model
-    says so; a malformed panel is named."""
-    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"))
+    """A hub name without network says it cannot be downloaded (with an empty Hugging Face
+    cache: a copy cached on this machine would load); a folder that is not a model says so; a
+    malformed panel is named."""
+    empty_cache = str(tmp_path / "cache")
+    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"), HF_HOME=empty_cache,
+               HF_HUB_CACHE=empty_cache)
     assert_one_line_error(proc, "--model microsoft/phi-2: cannot be loaded (cannot be downloaded: "
                                 "no network, or no such model;")
     assert "use --model tiny or a local folder" in proc.stderr
@@ -1392,14 +1420,11 @@ def test_a_marker_of_several_tokens_is_cut_after_its_text():
 # Many processes: torchrun with 2 CPU processes over gloo. Every launch has a timeout.
 # ---------------------------------------------------------------------------------------------
 
-def torchrun(*argv, script=None, timeout=240, **popen):
-    """`torchrun --standalone --nproc_per_node 2` on irepo.py (or a script), offline."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           script or os.path.join(HERE, "irepo.py"), *argv]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=HERE)
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def torchrun(*argv, script=None, timeout=240, popen=False):
+    """`torchrun --standalone --nproc_per_node 2` on irepo.py (or a script), started by child()."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               "2", script or os.path.join(HERE, "irepo.py"), *argv]
+    return child(command, timeout, popen, PYTHONPATH=HERE)
 
 
 def our_errors(stderr):
@@ -1620,6 +1645,34 @@ def test_at_learning_rate_zero_h_is_zero_and_the_loss_is_target_squared(warm_tin
     targets = torch.tensor([row["target_logit"] for row in rows])
     assert fitted["loss"] == pytest.approx(float((targets ** 2).mean()), abs=1e-4)
     assert fitted["regression_mse"] == pytest.approx(float((targets ** 2).mean()), abs=1e-4)
+
+
+def test_diagnostics_at_beta_one_half_are_hand_computed(warm_tiny):
+    """Silent bug caught: the per-pair beta * h behind reward_margin, regression_mse and
+    sign_agreement computed without its beta (the other tests of them run at beta = 1). At
+    learning rate 0 and beta = 0.5, with each pair's references lowered by known offsets, the
+    log-ratios are those offsets: h = offset_a - offset_b, beta * h = (1, -2, 3, 1, -2, -3, 1, 2)
+    against targets (1, -2, 3, -1, 2, -3, 1, -2), so reward_margin = mean beta * h = 1/8,
+    regression_mse = (4 + 16 + 16) / 8 = 4.5 (the loss too) and sign_agreement = 5/8. Without
+    beta they would read 1/4, 105/8 and 5/8."""
+    args = irepo.parse_args(["--beta", "0.5", "--epochs", "1", "--batch-size", "4",
+                             "--micro-batch-size", "4"])
+    args.lr = 0.0  # the command line refuses 0; the function takes it
+    model, tokenizer = irepo.load_policy(args, torch.device("cpu"), warm_tiny)
+    rows = review_pairs(tokenizer, 8)
+    targets = [row["target_logit"] for row in rows]
+    assert targets == [1.0, -2.0, 3.0, -1.0, 2.0, -3.0, 1.0, -2.0]
+    offset_a = torch.tensor([1.0, -3.0, 4.0, 1.0, -1.0, -2.0, 0.0, 3.0])
+    offset_b = torch.tensor([-1.0, 1.0, -2.0, -1.0, 3.0, 4.0, -2.0, -1.0])
+    assert (0.5 * (offset_a - offset_b)).tolist() == [1.0, -2.0, 3.0, 1.0, -2.0, -3.0, 1.0, 2.0]
+    reference_a, reference_b = irepo.reference_logprobs(model, rows, tokenizer.pad_token_id, 4)
+    torch.manual_seed(0)
+    fitted, _ = irepo.train(model, rows, reference_a - offset_a, reference_b - offset_b,
+                            tokenizer.pad_token_id, args)
+    assert fitted["reward_margin"] == pytest.approx(1 / 8, abs=1e-4)
+    assert fitted["regression_mse"] == pytest.approx(4.5, abs=1e-4)
+    assert fitted["loss"] == pytest.approx(4.5, abs=1e-4)
+    assert fitted["sign_agreement"] == 5 / 8
 
 
 def test_training_fits_a_handful_of_pairs(warm_tiny):
