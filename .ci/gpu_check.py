@@ -5,7 +5,8 @@ the real architectures (the published config sizes), saved to a temporary folder
 word-level tokenizer as large as the vocabulary. Each runs one iteration of its preset (LoRA,
 gradient checkpointing, bf16, SDPA) on a few prompts with simulated annotators, then this
 script prints sampling tokens/s, training tokens/s, the share of the card's peak bf16 FLOP/s
-reached in training, peak GPU memory, and the sample batch that --sample-batch-size auto chose.
+reached in training, peak GPU memory over training and evaluation, and the sample batch that
+--sample-batch-size auto chose; main() says what each measures.
 
     python .ci/gpu_check.py                 # on a GPU machine, about 10 minutes
     python .ci/gpu_check.py --scale tiny    # the same code path on a CPU, in a minute
@@ -127,14 +128,31 @@ def main():
             mfu = utilization(m, n_matmul, peak,
                               gradient_checkpointing=settings["gradient_checkpointing"],
                               lora=settings["lora_rank"] > 0)
+            # What each figure measures (irepo.py: run, sampled_pairs, sample_batch,
+            # peak_memory_mb):
             results[preset] = dict(
-                params_b=round(n_params / 1e9, 2), sample_tokens_per_s=round(m["sample_tokens_per_s"]),
+                params_b=round(n_params / 1e9, 2),
+                # Step 1 alone: the response tokens of the K samples per prompt (each cut at its
+                # end; prompts, and what a batch generated after a response's end, not counted)
+                # over seconds_sample (encoding, generate() in batches of sample_batch, decoding;
+                # not the annotators, nor the evaluation's sampling).
+                sample_tokens_per_s=round(m["sample_tokens_per_s"]),
+                # Step 6 alone: epochs x (2 x prompt + both responses) per pair, over seconds_train.
                 train_tokens_per_s=round(m["train_tokens_per_s"]),
-                mfu=None if mfu is None else round(mfu, 3),
+                mfu=None if mfu is None else round(mfu, 3),  # step 6's FLOPs: see utilization
+                # The highest CUDA allocation (max_memory_allocated: the allocator's cache not
+                # counted) from the start of step 6 to the end of step 7, so training and the
+                # evaluation (held-out sampling, log-probs); on a CPU the process's peak RSS over
+                # its whole life.
                 peak_memory_gb=round(m["peak_memory_mb"] / 1024, 1),
-                seconds_sample=round(m["seconds_sample"], 1), seconds_train=round(m["seconds_train"], 1),
+                seconds_sample=round(m["seconds_sample"], 1),
+                seconds_reference=round(m["seconds_reference"], 1),  # step 5: one forward pass
+                seconds_train=round(m["seconds_train"], 1),
+                # Prompts per generate() call, K sequences each, chosen once after the policy's
+                # weights load: half the free memory over one prompt's KV cache at
+                # max_prompt_tokens + max_new_tokens, from irepo's line; on a CPU auto means 16.
                 sample_batch=next((line.split()[2] for line in proc.stdout.splitlines()
-                                   if line.startswith("sample batch:")), "16 (not auto: no GPU)"))
+                                   if line.startswith("sample batch:")), "16 (auto on a CPU)"))
             print(f"{preset}: {json.dumps(results[preset])}", flush=True)
     print(json.dumps({"device": card, "results": results}, indent=1))
 
