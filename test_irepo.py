@@ -2104,3 +2104,48 @@ def test_pi_1_is_not_sampled_with_pi_0s_stream(warm_tiny, tmp_path, monkeypatch)
     current = json.loads((out / "iteration_1" / "eval.json").read_text())["responses"]
     same = sum(first == second for first, second in zip(initial, current))
     assert same < len(initial) / 2, same
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check's arithmetic, on a CPU: the FLOPs it counts are those of the time it divides by.
+# ---------------------------------------------------------------------------------------------
+
+def gpu_check():
+    """.ci/gpu_check.py, imported from its path next to this file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpu_check",
+                                                  os.path.join(HERE, ".ci", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_utilization_counts_the_training_flops_of_seconds_train():
+    """Silent bug caught: the reference pass's 2N per token counted in training's FLOPs (8N for
+    LoRA with checkpointing) though train_tokens_per_s is over seconds_train alone, so the share
+    of peak read 4/3 too high. 1000 tokens/s x N = 1e9 on a 1e13 FLOP/s card: LoRA 6N with
+    checkpointing (0.6), 4N without (0.4); every weight trained 8N with (0.8), 6N without
+    (0.6); the reference pass's seconds change nothing; no known peak, no figure."""
+    check = gpu_check()
+    row = dict(train_tokens_per_s=1000.0, seconds_train=10.0, seconds_reference=5.0)
+    for checkpointing, lora, share in ((True, True, 0.6), (False, True, 0.4),
+                                       (True, False, 0.8), (False, False, 0.6)):
+        measured = check.utilization(row, 1e9, 1e13, gradient_checkpointing=checkpointing,
+                                     lora=lora)
+        assert measured == pytest.approx(share), (checkpointing, lora)
+    slow_reference = dict(row, seconds_reference=500.0)
+    assert check.utilization(slow_reference, 1e9, 1e13, True, True) == pytest.approx(0.6)
+    assert check.utilization(row, 1e9, None, True, True) is None
+
+
+def test_gpu_check_n_leaves_out_the_input_embedding_unless_it_is_the_lm_head():
+    """N of the FLOP count is the parameters that multiply each token: the input embedding is a
+    lookup and leaves N, unless the LM head shares its table (then it stays, once)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    check = gpu_check()
+    for tied in (False, True):
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied))
+        total = sum(p.numel() for p in model.parameters())
+        assert check.matmul_params(model) == (total if tied else total - 50 * 16), tied
