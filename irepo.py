@@ -1642,6 +1642,16 @@ def print_start(args, device, source, held_out, chunks, given, start):
     print(f"prompts: {source}")
     print(f"device: {device}{processes}, {len(held_out)} held-out prompts, {len(chunks)} chunks "
           f"of {chunk}{resuming}")
+    if args.model == "tiny" or given:
+        return
+    responses = len(chunks[0]) * args.num_responses  # the size of the job, before it starts
+    tokens = responses * args.max_new_tokens
+    print(f"job per iteration (T = {len(chunks)}): {len(chunks[0]):,} prompts x K "
+          f"{args.num_responses} = {responses:,} responses to sample, at most {responses:,} x "
+          f"--max-new-tokens {args.max_new_tokens} = {tokens:,} new tokens")
+    if device.type == "cpu":
+        print("note: a real checkpoint on a CPU is a smoke test; for a small one add "
+              "--prompts-per-iteration 4 --eval-prompts 2 --max-new-tokens 8")
 
 def print_initial_reward(panel, held_out):
     reward = panel.reward(held_out.initial.texts)

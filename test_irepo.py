@@ -881,7 +881,7 @@ LLM_SMALL = ["--iterations", "1", "--prompts-per-iteration", "6", "--eval-prompt
 def test_paper_presets_run_on_local_folders(llm_dirs, offline_hub, tmp_path, arch, preset):
     """--model DIR --preset phi-2 (or mistral-7b), scaled down by flags: the preset's values are
     applied and printed (LoRA, lr 5e-6, beta 0.01, gradient checkpointing), with the prompts'
-    source; one iteration runs with LoRA on UltraFeedback's prompts (a stand-in
+    source and the job's size; one iteration runs with LoRA on UltraFeedback's prompts (a stand-in
     in the hub's cache), and the saved iteration is a plain model that from_pretrained loads, with
     weights that moved."""
     from transformers import AutoModelForCausalLM
@@ -892,6 +892,9 @@ def test_paper_presets_run_on_local_folders(llm_dirs, offline_hub, tmp_path, arc
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "prompts: 12 distinct instructions of UltraFeedback (openbmb/UltraFeedback)" in lines
+    assert ("job per iteration (T = 1): 6 prompts x K 4 = 24 responses to sample, at most 24 x "
+            "--max-new-tokens 6 = 144 new tokens") in lines
+    assert sum(line.startswith("note: a real checkpoint on a CPU is a smoke test") for line in lines) == 1
     config = next(line for line in lines if line.startswith("config: "))
     for setting in (f"preset={preset}", "lr=5e-06", "beta=0.01", "lora_rank=128", "lora_alpha=128.0",
                     "gradient_checkpointing=True",
