@@ -785,8 +785,8 @@ def ultrafeedback_prompts():
     responses and ratings) are downloaded once into the hub's cache; later runs read them there,
     offline too (HF_HUB_OFFLINE=1)."""
     from huggingface_hub import hf_hub_download
-    print(f"prompts: reading {ULTRAFEEDBACK}'s 6 files from the hub's cache (the first run "
-          "downloads them, about 0.9 GB)")
+    print(f"prompts: reading {ULTRAFEEDBACK}'s {len(ULTRAFEEDBACK_FILES)} files from the hub's "
+          "cache (the first run downloads them, about 0.9 GB)")
     prompts = {}  # the distinct instructions, in the order first seen
     for name in ULTRAFEEDBACK_FILES:
         try:
