@@ -21,9 +21,9 @@ Run it:
   python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
   python irepo.py --compare            # reward-KL frontier of 5 curves, frontier.svg, ~3.5 min
-  python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl --prompts uf.jsonl       # GPU
-  torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 --sft ultrachat.jsonl \
-      --prompts uf.jsonl               # 8 GPUs
+  python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl  # GPU; UltraFeedback's prompts
+  torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 \
+      --sft ultrachat.jsonl            # 8 GPUs
   python -m pytest -q test_irepo.py    # the tests
 
 Deliberate deviations from the paper (the README's 'Deviations from the paper' says why):
@@ -651,7 +651,8 @@ def build_parser():
     add("--model", default="tiny", help="'tiny' (built in, offline), a Hugging Face name or folder")
     add("--preset", choices=sorted(PRESETS), help="settings to start from (default: by --model)")
     add("--out", default="out", help="output folder: iterations, pairs, metrics")
-    add("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with a 'prompt' string a line")
+    add("--prompts", help="FILE: .txt, a prompt a line, or .jsonl with a 'prompt' string a "
+        "line; 'tiny': the tiny world's templates (the tiny model's default); else UltraFeedback's")
     add("--pairs", help="FILE: labelled pairs (pairs.jsonl format) instead of steps 1-4")
     add("--sft", help="FILE: chat 'messages' JSONL to fine-tune --model on first (pi_0)")
     start = parser.add_mutually_exclusive_group()  # --resume or --overwrite, not both
@@ -794,6 +795,45 @@ def read_prompts(path):
     if not prompts:
         fail(f"--prompts {path}: the file holds no prompt")
     return prompts
+
+# UltraFeedback, the paper's prompts: one JSONL file per source at the top of the dataset
+# repository, an 'instruction' string a line (named here, since listing them needs the network).
+ULTRAFEEDBACK = "openbmb/UltraFeedback"
+ULTRAFEEDBACK_FILES = ["evol_instruct.jsonl", "false_qa.jsonl", "flan.jsonl", "sharegpt.jsonl",
+                       "truthful_qa.jsonl", "ultrachat.jsonl"]
+
+def ultrafeedback_prompts():
+    """UltraFeedback's distinct instructions, in file order. The files (about 0.9 GB with their
+    responses and ratings) are downloaded once into the hub's cache; later runs read them there,
+    offline too (HF_HUB_OFFLINE=1)."""
+    from huggingface_hub import hf_hub_download
+    print(f"prompts: reading {ULTRAFEEDBACK}'s {len(ULTRAFEEDBACK_FILES)} files from the hub's "
+          "cache (the first run downloads them, about 0.9 GB)")
+    prompts = {}  # the distinct instructions, in the order first seen
+    for name in ULTRAFEEDBACK_FILES:
+        try:
+            path = hf_hub_download(ULTRAFEEDBACK, name, repo_type="dataset")
+        except Exception as error:  # offline, no network, refused, cut off: one line, any cause
+            cause = error.__cause__ or error  # the hub wraps the connection's own error
+            why = (str(cause).strip().splitlines() or [""])[0]
+            fail(f"the prompts: {ULTRAFEEDBACK}/{name} is not in the hub's cache and cannot be "
+                 f"downloaded ({type(cause).__name__}: {why}); give --prompts FILE (the README's "
+                 "'Prompts' shows how to make UltraFeedback's), or --prompts tiny for a smoke test")
+        for _, row in read_jsonl(path, "--prompts"):
+            if is_text(row.get("instruction")):
+                prompts[row["instruction"].strip()] = None
+    if not prompts:
+        fail(f"the prompts: {ULTRAFEEDBACK} holds no 'instruction'; give --prompts FILE")
+    return list(prompts)
+
+def load_prompts(args):
+    """The prompts and where they come from: --prompts FILE; the template prompts for 'tiny'
+    (the tiny model's default); else UltraFeedback's instructions, as in the paper."""
+    if args.prompts == "tiny" or (args.prompts is None and args.model == "tiny"):
+        return tiny_prompts(), "template prompts of the tiny world"
+    if args.prompts:
+        return read_prompts(args.prompts), f"prompts from {args.prompts}"
+    return ultrafeedback_prompts(), f"distinct instructions of UltraFeedback ({ULTRAFEEDBACK})"
 
 def replies(messages):
     """The indices of the assistant turns that answer a user turn."""
@@ -1616,14 +1656,25 @@ class Run:
     latest: Samples = None  # pi_t's held-out samples: the evaluation's reference for KL
     sample_batch: int = None  # prompts per generate() call, 'auto' resolved
 
-def print_start(args, device, held_out, chunks, given, start):
+def print_start(args, device, source, held_out, chunks, given, start):
     print("config: " + " ".join(f"{name}={value}" for name, value in sorted(vars(args).items())
                                 if name not in ("annotator_specs", "warmup")))
     processes = f" in {WORLD} processes" if WORLD > 1 else ""
     chunk = f"{len(given[0])} given pairs" if given else f"{len(chunks[0])} prompts"
     resuming = f"; resuming after iteration {start}" if start else ""
+    print(f"prompts: {source}")
     print(f"device: {device}{processes}, {len(held_out)} held-out prompts, {len(chunks)} chunks "
           f"of {chunk}{resuming}")
+    if args.model == "tiny" or given:
+        return
+    responses = len(chunks[0]) * args.num_responses  # the size of the job, before it starts
+    tokens = responses * args.max_new_tokens
+    print(f"job per iteration (T = {len(chunks)}): {len(chunks[0]):,} prompts x K "
+          f"{args.num_responses} = {responses:,} responses to sample, at most {responses:,} x "
+          f"--max-new-tokens {args.max_new_tokens} = {tokens:,} new tokens")
+    if device.type == "cpu":
+        print("note: a real checkpoint on a CPU is a smoke test; for a small one add "
+              "--prompts-per-iteration 4 --eval-prompts 2 --max-new-tokens 8")
 
 def print_initial_reward(panel, held_out):
     reward = panel.reward(held_out.initial.texts)
@@ -1634,14 +1685,14 @@ def start_run(args):
     """Every input file checked before anything expensive; then pi_t (pi_0, or on --resume the
     last complete iteration, with its and pi_0's saved held-out samples), the panel, the prompts."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # see DTYPE
-    prompts = read_prompts(args.prompts) if args.prompts else tiny_prompts()
+    prompts, source = load_prompts(args)
     held_out_prompts, chunks = split_prompts(prompts, args)
     given = None
     if args.pairs:
         given = split_pairs(read_pairs(args.pairs, args.smoothing), args.iterations)
     conversations = read_conversations(args.sft) if args.sft else None
     start = on_main(check_out, args)
-    print_start(args, device, held_out_prompts, chunks, given, start)
+    print_start(args, device, f"{len(prompts):,} {source}", held_out_prompts, chunks, given, start)
     state = Run(out=args.out, start=start, history=read_metrics(args.out)[:start])
     if start == args.iterations:
         print(f"all {start} iterations are complete in {args.out}/")

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 # CPU numbers): a GPU, if any, is hidden from it and its children, and torchrun's variables from
 # a surrounding job are dropped before irepo reads them (the many-process tests start their own).
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the network: the hub reads its cache only
 for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
              "MASTER_PORT"):
     os.environ.pop(name, None)
@@ -337,6 +338,105 @@ def test_read_prompts_txt_and_jsonl(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n\n{"prompt": "b", "id": 2}\n')
     assert irepo.read_prompts(str(tmp_path / "p.txt")) == ["first one", "second"]
     assert irepo.read_prompts(str(tmp_path / "p.jsonl")) == ["a", "b"]
+
+
+UF_ROWS = {  # a stand-in for UltraFeedback: a few instructions per file, with repeats
+    "evol_instruct.jsonl": ["review the hotel", "describe the food", "review the hotel"],
+    "false_qa.jsonl": ["describe the park", "  describe the food  "],
+    "flan.jsonl": ["write about the song", ""],  # an empty instruction is left out
+    "sharegpt.jsonl": ["tell me about the city", "review the game"],
+    "truthful_qa.jsonl": ["describe the beach"],
+    "ultrachat.jsonl": ["write about the trip", "review the hotel", "describe the car"],
+}
+UF_DISTINCT = ["review the hotel", "describe the food", "describe the park", "write about the song",
+               "tell me about the city", "review the game", "describe the beach",
+               "write about the trip", "describe the car"]
+
+
+def write_hub_files(cache, rows_by_file):
+    """openbmb/UltraFeedback's files in a hub cache folder, laid out as hf_hub_download leaves
+    them (refs/main names a commit whose snapshot holds the files); returns their paths."""
+    commit = "0" * 40
+    repo = cache / "datasets--openbmb--UltraFeedback"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True, exist_ok=True)
+    for name, instructions in rows_by_file.items():
+        rows = [{"source": name.split(".")[0], "instruction": text, "completions": []}
+                for text in instructions]
+        (repo / "snapshots" / commit / name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {name: str(repo / "snapshots" / commit / name) for name in rows_by_file}
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty hub cache of the test's own, offline, here and in the subprocesses it starts."""
+    from huggingface_hub import constants
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_ultrafeedback_prompts_are_downloaded_once(offline_hub, monkeypatch):
+    """Without --prompts a real model gets UltraFeedback's instructions: read from every file,
+    duplicates removed, in file order, then ordered by --seed as any prompts are. The first start
+    downloads each file (here a fake download into the hub's cache); a second start downloads
+    nothing: the hub's own hf_hub_download finds them in its cache, offline."""
+    import huggingface_hub
+    downloads = []
+
+    def download(repo_id, filename, repo_type):  # what a download leaves in the cache
+        downloads.append((repo_id, filename, repo_type))
+        return write_hub_files(offline_hub, {filename: UF_ROWS[filename]})[filename]
+    real_download = huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    args = irepo.parse_args(["--model", "microsoft/phi-2", "--eval-prompts", "3", "--iterations", "2"])
+    assert irepo.load_prompts(args)[0] == UF_DISTINCT
+    assert downloads == [("openbmb/UltraFeedback", name, "dataset") for name in UF_ROWS]
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", real_download)
+    prompts, source = irepo.load_prompts(args)  # the second start: offline, from the cache
+    assert prompts == UF_DISTINCT and len(downloads) == 6
+    assert source == "distinct instructions of UltraFeedback (openbmb/UltraFeedback)"
+    first, again = irepo.split_prompts(prompts, args), irepo.split_prompts(prompts, args)
+    other = irepo.split_prompts(prompts, irepo.parse_args(["--model", "microsoft/phi-2", "--eval-prompts",
+                                                           "3", "--iterations", "2", "--seed", "1"]))
+    assert first == again and first != other  # 9! orders: two seeds agree by chance 1 in 362,880
+    assert sorted(first[0] + first[1][0] + first[1][1]) == sorted(UF_DISTINCT)
+
+
+def test_prompts_file_and_templates_win_over_ultrafeedback(tmp_path, monkeypatch):
+    """--prompts FILE and --prompts tiny (the template prompts, with any model) are used as given,
+    and the tiny model keeps its templates: none of them asks the hub for UltraFeedback."""
+    import huggingface_hub
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *args, **kwargs: asked.append(args))
+    (tmp_path / "p.txt").write_text("first\nsecond\n")
+    for argv, expected in ((["--model", "microsoft/phi-2", "--prompts", str(tmp_path / "p.txt")],
+                            ["first", "second"]),
+                           (["--model", "microsoft/phi-2", "--prompts", "tiny"], irepo.tiny_prompts()),
+                           ([], irepo.tiny_prompts())):
+        assert irepo.load_prompts(irepo.parse_args(argv))[0] == expected
+    assert asked == []
+
+
+def test_ultrafeedback_offline_stops_before_any_work(offline_hub, tmp_path, monkeypatch):
+    """Offline, with UltraFeedback not in the hub's cache, a real model without --prompts stops
+    with one line naming the file and the cause, --prompts FILE and the README's recipe, exit 2,
+    before any model is loaded or --out is made; the same through the real command line."""
+    def load_policy(*args):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(irepo, "load_policy", load_policy)
+    message = ("the prompts: openbmb/UltraFeedback/evol_instruct.jsonl is not in the hub's cache and "
+               "cannot be downloaded (OfflineModeIsEnabled: ")
+    assert_main_stops(["--model", "microsoft/phi-2", "--out", str(tmp_path / "out")], message)
+    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "out"))
+    assert_one_line_error(proc, message)
+    assert "give --prompts FILE (the README's 'Prompts' shows how" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 BAD_INPUTS = [
@@ -847,16 +947,24 @@ LLM_SMALL = ["--iterations", "1", "--prompts-per-iteration", "6", "--eval-prompt
 
 
 @pytest.mark.parametrize("arch,preset", [("phi", "phi-2"), ("mistral", "mistral-7b")])
-def test_paper_presets_run_on_local_folders(llm_dirs, tmp_path, arch, preset):
+def test_paper_presets_run_on_local_folders(llm_dirs, offline_hub, tmp_path, arch, preset):
     """--model DIR --preset phi-2 (or mistral-7b), scaled down by flags: the preset's values are
-    applied and printed (LoRA, lr 5e-6, beta 0.01, gradient checkpointing), one iteration runs
-    with LoRA, and the saved iteration is a plain model that from_pretrained loads, with weights
-    that moved."""
+    applied and printed (LoRA, lr 5e-6, beta 0.01, gradient checkpointing), with the prompts'
+    source and the job's size; one iteration runs with LoRA on UltraFeedback's prompts (a stand-in
+    in the hub's cache), and the saved iteration is a plain model that from_pretrained loads, with
+    weights that moved."""
     from transformers import AutoModelForCausalLM
+    write_hub_files(offline_hub, {"evol_instruct.jsonl": irepo.tiny_prompts()[:12] * 2}
+                    | {name: [] for name in irepo.ULTRAFEEDBACK_FILES[1:]})
     out = tmp_path / "run"
     proc = cli("--model", llm_dirs[arch], "--preset", preset, "--annotators", "sim", "--out", str(out), *LLM_SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = proc.stdout.splitlines()[0]
+    lines = proc.stdout.splitlines()
+    assert "prompts: 12 distinct instructions of UltraFeedback (openbmb/UltraFeedback)" in lines
+    assert ("job per iteration (T = 1): 6 prompts x K 4 = 24 responses to sample, at most 24 x "
+            "--max-new-tokens 6 = 144 new tokens") in lines
+    assert sum(line.startswith("note: a real checkpoint on a CPU is a smoke test") for line in lines) == 1
+    config = next(line for line in lines if line.startswith("config: "))
     for setting in (f"preset={preset}", "lr=5e-06", "beta=0.01", "lora_rank=128", "lora_alpha=128.0",
                     "gradient_checkpointing=True",
                     "epochs=1", "warmup_ratio=0.1"):
@@ -867,7 +975,7 @@ def test_paper_presets_run_on_local_folders(llm_dirs, tmp_path, arch, preset):
     assert any(not torch.equal(after[n], before[n]) for n in before if "proj" in n or "fc" in n or "dense" in n)
     assert json.loads((out / "metrics.jsonl").read_text())["pairs"] >= 1
     prompts = [json.loads(line)["prompt"] for line in open(out / "iteration_1" / "pairs.jsonl")]
-    assert set(prompts) <= set(irepo.tiny_prompts())  # without --prompts, the built-in ones
+    assert set(prompts) <= set(irepo.tiny_prompts()[:12])  # without --prompts, UltraFeedback's
 
 
 def test_presets_follow_the_model_name_and_yield_to_flags():
@@ -1063,8 +1171,8 @@ def test_models_and_annotators_that_cannot_be_loaded(warm_tiny, tmp_path):
     cache: a copy cached on this machine would load); a folder that is not a model says so; a
     malformed panel is named."""
     empty_cache = str(tmp_path / "cache")
-    proc = cli("--model", "microsoft/phi-2", "--out", str(tmp_path / "a"), HF_HOME=empty_cache,
-               HF_HUB_CACHE=empty_cache)
+    proc = cli("--model", "microsoft/phi-2", "--prompts", "tiny", "--out", str(tmp_path / "a"),
+               HF_HOME=empty_cache, HF_HUB_CACHE=empty_cache)
     assert_one_line_error(proc, "--model microsoft/phi-2: cannot be loaded (cannot be downloaded: "
                                 "no network, or no such model;")
     assert "use --model tiny or a local folder" in proc.stderr
@@ -1345,7 +1453,8 @@ def test_sft_makes_pi_0_and_is_reused(llm_dirs, tmp_path):
         for p in irepo.tiny_prompts()[:8]))
     out = tmp_path / "run"
     argv = ["--model", llm_dirs["mistral"], "--preset", "mistral-7b", "--annotators", "sim",
-            "--out", str(out), "--sft", str(conversations), "--sft-lr", "1e-2", *LLM_SMALL]
+            "--out", str(out), "--sft", str(conversations), "--sft-lr", "1e-2", "--prompts", "tiny",
+            *LLM_SMALL]
     proc = cli(*argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning:" not in proc.stdout
@@ -1360,7 +1469,7 @@ def test_sft_makes_pi_0_and_is_reused(llm_dirs, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "sft" / "model.safetensors").stat().st_mtime_ns != stamp
     proc = cli("--model", llm_dirs["mistral"], "--preset", "mistral-7b", "--annotators", "sim",
-               "--out", str(tmp_path / "base"), *LLM_SMALL)
+               "--out", str(tmp_path / "base"), "--prompts", "tiny", *LLM_SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum("warning:" in line and "no chat template" in line and "--sft" in line
                for line in proc.stdout.splitlines()) == 1

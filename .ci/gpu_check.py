@@ -115,7 +115,8 @@ def main():
                   f"the input embedding) built in {time.time() - tic:.0f}s", flush=True)
             out = os.path.join(root, preset + "-out")
             cmd = [sys.executable, IREPO, "--model", folder, "--preset", preset, "--annotators", "sim",
-                   "--out", out, "--iterations", "1", "--prompts-per-iteration", str(args.prompts),
+                   "--out", out, "--prompts", "tiny", "--iterations", "1",
+                   "--prompts-per-iteration", str(args.prompts),
                    "--eval-prompts", "8", "--max-new-tokens", "128" if args.scale == "full" else "8"]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode:
