@@ -10,7 +10,8 @@ The method, one iteration t at a time (pi_t is the current policy and also the r
      the best and the worst;
   4. the soft label p_hat(best > worst) = sigma(s_best - s_worst), from that same fit;
   5. log pi_t of both responses is computed once, without gradients;
-  6. minimize  ( beta*[log pi/pi_t (best) - log pi/pi_t (worst)] - logit p_hat )^2 ;
+  6. minimize (h - logit p_hat)^2, h = beta*[log pi/pi_t (best) - log pi/pi_t (worst)] the
+     implicit reward pairwise difference;
   7. evaluate pi_{t+1} against the initial policy pi_0 on held-out prompts.
 
 Part I is the method (settings, building blocks, steps 1-7, the loop); Part II is the machinery,
@@ -21,19 +22,24 @@ Run it:
   python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
   python irepo.py --compare            # reward-KL frontier of 5 curves, frontier.svg, ~3.5 min
-  python irepo.py --model microsoft/phi-2 --sft ultrachat.jsonl  # GPU; UltraFeedback's prompts
+  python irepo.py --model microsoft/phi-2 --sft ultrachat_sft.jsonl   # GPU, UltraFeedback
   torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 \
-      --sft ultrachat.jsonl            # 8 GPUs
+      --sft ultrachat_sft.jsonl        # 8 GPUs
   python -m pytest -q test_irepo.py    # the tests
 
-Deliberate deviations from the paper (the README's 'Deviations from the paper' says why):
-  1. the loss and the loop are reconstructed from the abstract, reviews and public artifacts;
-  2. `smoothing` pseudo-votes keep a unanimous panel's logit finite;
-  3. the Zermelo label reuses the votes that chose the pair (the winner's curse; --label fresh);
-  4. the default panel is simulated, so that the true reward is known;
-  5. log-probs are summed over tokens and scored at temperature 1; dropout is zeroed;
-  6. IPO is the same squared loss with the constant target 1/2 on the h scale;
-  7. K, lengths and temperature are our choices; LoRA r = alpha = 128, its adapters never merged.
+Deliberate deviations from the paper, numbered as in the README's list, which says why:
+  1. the loss is reconstructed (abstract, reviews, artifacts); log-probs summed over tokens;
+  2. the label is the Zermelo fit's s_best - s_worst, which reuses the votes that chose the pair;
+  3. `smoothing` pseudo-votes keep a unanimous panel's logit finite;
+  4. annotators: simulated (tiny world) or one public reward model (presets);
+  5. log-probs scored at temperature 1; sampling without top-k or top-p; dropout zeroed;
+  6. DPO and IPO train on the label's sign; IPO is the squared loss with target 1/2 on the h scale;
+  7. the optimizer clips the gradient norm at 1;
+  8. LoRA r = alpha = 128 with the authors' sibling runs' targets; adapters never merged in a run;
+  9. prompts: all of UltraFeedback's instructions; K = 4, lengths and temperature are our choice;
+ 10. SFT: the loss on assistant turns only, with the preset's LoRA and the iterations' optimizer;
+ 11. evaluation: win-rate against pi_0 and KL on held-out prompts, not the paper's benchmarks;
+ 12. the tiny world: beta = 1, learning rate 3e-4, 4 epochs, every weight trained.
 """
 
 import contextlib
@@ -179,15 +185,18 @@ def dpo_loss(logratio_a, logratio_b, target_logit, beta):
     return -F.logsigmoid(sign * beta * (logratio_a - logratio_b))
 
 def ipo_loss(logratio_a, logratio_b, target_logit, beta):
-    """IPO: (h - 1/2)^2 towards the majority winner, IPO's own (logratio_w - logratio_l -
-    1/(2 beta))^2 times beta^2, so that one learning rate serves all the losses. Returns: (P,)."""
+    """IPO on the label's sign, as DPO: (h_w - 1/2)^2, h_w the winner's h, i.e. IPO's own
+    (logratio_w - logratio_l - 1/(2 beta))^2 times beta^2, so that one learning rate serves all
+    the losses. Returns: (P,)."""
     sign = torch.where(target_logit >= 0, 1.0, -1.0)
     return (sign * beta * (logratio_a - logratio_b) - 0.5) ** 2
 
 def soft_dpo_loss(logratio_a, logratio_b, target_logit, beta):
     """DPO's cross-entropy with the soft label p_hat = sigma(target_logit) as its target:
-    -p_hat log sigma(h) - (1 - p_hat) log sigma(-h). Its minimizer is iREPO's, h = logit p_hat,
-    but its gradient sigma(h) - p_hat saturates where iREPO's 2 (h - logit p_hat) grows."""
+    -p_hat log sigma(h) - (1 - p_hat) log sigma(-h). Each pair's loss is least at h = logit p_hat,
+    as iREPO's; so with consistent (exact Bradley-Terry) targets both fits reach the same policy,
+    while with noisy finite-N labels, which no policy fits exactly, they weigh the misfits apart
+    (its gradient sigma(h) - p_hat saturates where iREPO's 2 (h - logit p_hat) grows)."""
     h = beta * (logratio_a - logratio_b)
     p_hat = torch.sigmoid(target_logit)
     return -p_hat * F.logsigmoid(h) - (1 - p_hat) * F.logsigmoid(-h)
@@ -1099,8 +1108,9 @@ def trainable(model, settings):
         model.requires_grad_(False)
 
 # --- LoRA, in the file: fresh adapters on the chosen linear layers each iteration (and SFT),
-# frozen after it, never merged into bf16 weights, which would round a small update away (README):
-# pi_t is exactly the policy that trained. A and B are the LoRA paper's two low-rank factors.
+# frozen after it, kept in fp32 and never merged into bf16 weights, where rounding would lose most
+# of a small update (README): training, evaluation, the next reference and --resume compute one
+# and the same function. A and B are the LoRA paper's two low-rank factors.
 def is_linear(module):
     return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"  # GPT-2's
 
@@ -2169,10 +2179,13 @@ def print_table(table, levels, curves, seeds):
               verdict(table, level))
     # every seed of every curve reaches every level; a verdict needs 2 seeds a side
     comparisons = len(levels) * len(curves) * (len(curves) - 1) if seeds > 1 else 0
-    splits = math.comb(2 * seeds, seeds)  # a false verdict's chance is 1/splits, per comparison
+    # were two curves' runs independent and alike, 1/splits would be a verdict's chance; they
+    # share seeds, prompts and streams, so the figure is approximate
+    splits = math.comb(2 * seeds, seeds)
     print(f"{comparisons} comparisons (ordered pairs of curves x KL levels), each false with "
-          f"chance 1/{splits} if the two curves were the same; were all the same, chance alone "
-          f"would give {comparisons / splits:.1f} verdicts on average: a hint, not a proof")
+          f"chance about 1/{splits} if the two curves were the same (for independent runs); were "
+          f"all the same, chance alone would give about {comparisons / splits:.1f} verdicts on "
+          "average: a hint, not a proof")
 
 # The picture, frontier.svg: standard-library SVG, each mark with data-* attributes of its data.
 LEFT, RIGHT, TOP, BOTTOM = 70, 560, 60, 420  # the plot's edges, in pixels
