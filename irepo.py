@@ -345,7 +345,8 @@ def rank_responses(wins, smoothing):
 def annotate(panel, prompts, texts, k, smoothing, label):
     """Steps 2-4: every pair of each prompt's k responses (texts, grouped by prompt) goes to the
     panel; Zermelo scores rank them; the best-vs-worst pair and its soft label are kept. Returns
-    one dict per prompt; best and worst are indices among the k, votes_a the pair's own votes."""
+    one dict per prompt; best and worst are indices among the k, votes_a the pair's own votes,
+    wins[i][j] the votes for response i over j, scores the fit's s."""
     first, second = torch.triu_indices(k, k, 1).tolist()  # the pairs i < j, (0, 1) first
     # every pair of every prompt, a prompt's pairs together
     pair_prompts = [prompt for prompt in prompts for _ in first]
@@ -367,7 +368,7 @@ def annotate(panel, prompts, texts, k, smoothing, label):
     p_hat = torch.sigmoid(target_logit)  # for display and the files; training reads the logit
     return [dict(best=int(best[q]), worst=int(worst[q]), votes_a=float(votes_best[q]),
                  n_annotators=n_annotators, p_hat=float(p_hat[q]),
-                 target_logit=float(target_logit[q]), label=label,
+                 target_logit=float(target_logit[q]), label=label, wins=wins[q].tolist(),
                  scores=[round(float(score), 4) for score in scores[q]])
             for q in range(len(prompts))]
 
