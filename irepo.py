@@ -2141,7 +2141,7 @@ def matched_rewards(rows, levels):
 
 def verdict(table, level):
     """'first > second' for each ordered pair of curves where every seed of first beats every
-    seed of second at this level; else 'within noise' (README: 'Verdicts, and how many')."""
+    seed of second at this level; else 'within noise' (README: 'The losses compared')."""
     rewards_by_curve = {curve: by_level[level] for curve, by_level in table.items()
                         if len(by_level.get(level, [])) >= 2}  # the curves with 2 seeds or more
     wins = []
