@@ -6,7 +6,7 @@ https://arxiv.org/abs/2405.15230
 The method, one iteration t at a time (pi_t is the current policy and also the reference):
   1. sample K responses per prompt from pi_t;
   2. a panel of N annotators votes on every pair of them;
-  3. Zermelo (Bradley-Terry maximum-likelihood) scores fitted to all the votes rank them: keep
+  3. Zermelo (Bradley-Terry maximum-likelihood) scores s fitted to all the votes rank them: keep
      the best and the worst;
   4. the soft label p_hat(best > worst) = sigma(s_best - s_worst), from that same fit;
   5. log pi_t of both responses is computed once, without gradients;
@@ -18,10 +18,10 @@ Part I is the method (settings, building blocks, steps 1-7, the loop); Part II i
 which changes nothing in the method; Part III checks the theory and compares the losses.
 
 Run it:
-  python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
+  python irepo.py                      # built-in tiny model and simulated panel, CPU, ~40 s
   python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
-  python irepo.py --compare            # reward-KL frontier of 5 curves, frontier.svg, ~3.5 min
+  python irepo.py --compare            # 4 losses, 2 labels: reward-KL frontier, ~3.3 min
   python irepo.py --model microsoft/phi-2 --sft ultrachat_sft.jsonl   # GPU, UltraFeedback
   torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 \
       --sft ultrachat_sft.jsonl        # 8 GPUs
@@ -69,8 +69,9 @@ from tqdm.auto import tqdm
 # =============================================================================================
 
 # --- Settings. Each hyperparameter is declared once, here: name (the flag is --name, with dashes),
-# type, valid range, its value in the built-in tiny world, and its meaning. The paper's Phi-2
-# and Mistral-7B settings are overrides of those values; any flag overrides a preset.
+# type, valid range, its value in the built-in tiny world, and its meaning. The Phi-2 and
+# Mistral-7B presets (the paper's settings where its artifacts show them, our choices elsewhere:
+# README) override those values; any flag overrides a preset.
 SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     # the method
     loss=(str, ("irepo", "dpo", "ipo", "soft-dpo"), "irepo", "iREPO, or DPO, IPO, soft-label DPO"),
@@ -79,10 +80,9 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     num_annotators=(int, ">= 1", 8, "N, simulated annotators in 'sim'; one vote each per pair"),
     annotators=(str, None, "sim", "the panel, e.g. 'sim:8,judge:MODEL', 'rm:MODEL'"),
     beta=(float, "> 0", 1.0, "beta, the KL strength in r = beta*log(pi/pi_ref)"),
-    smoothing=(float, ">= 1e-6 (at 0 a unanimous panel's logit is infinite)", 0.5,
-               "pseudo-votes a side"),
+    smoothing=(float, ">= 1e-6 (0: a unanimous panel's logit is infinite)", 0.5, "pseudo-votes"),
     label=(str, ("zermelo", "votes", "fresh"), "zermelo", "p_hat: the fit, pair's or fresh votes"),
-    sharpness=(float, ">= 0", 1.0, "s in the simulated votes sigma(s*(r_a - r_b))"),
+    sharpness=(float, ">= 0", 1.0, "the simulated votes' sigma(sharpness*(r_a - r_b))"),
     # optimization
     lr=(float, "> 0", 3e-4, "Adam learning rate (cosine schedule with warm-up)"),
     warmup_ratio=(float, ">= 0 and < 1", 0.1, "share of the steps that warm the lr up"),
@@ -99,7 +99,7 @@ SETTINGS = dict(  # name: (type, valid values, value in the tiny world, meaning)
     max_prompt_tokens=(int, ">= 1", 64, "longer prompts keep their last tokens"),
     temperature=(float, "> 0", 1.0, "sampling temperature (scoring always uses 1)"),
     chat_format=(str, ("chatml", "mistral", "tiny"), "tiny", "if the tokenizer has no template"),
-    prompts_per_iteration=(int, ">= 1", 192, "prompts in each iteration's chunk (None: all)"),
+    prompts_per_iteration=(int, ">= 1", 192, "prompts per chunk (None: all, split in T)"),
     eval_prompts=(int, ">= 1", 64, "held-out prompts for the win-rate against pi_0"),
     eval_samples=(int, ">= 1", 4, "responses per held-out prompt, for less noisy estimates"),
     sample_batch_size=(int, ">= 1, or auto", 128, "prompts per generate() call; auto: by memory"),
@@ -229,7 +229,7 @@ def left_pad(prompt_ids, pad_id, device):
 
 def last_logits(model, input_ids, attention_mask, keep):
     """The logits of the last `keep` positions, (B, keep, V), of left-padded rows. Positions
-    count real tokens only, so a padded row is scored exactly as it would be alone; without
+    count real tokens only, so a padded row is scored as it would be alone (up to rounding); without
     this, HF models number the pads and shift every position."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -361,7 +361,7 @@ def annotate(panel, prompts, texts, k, smoothing, label):
     scores, best, worst = rank_responses(wins, smoothing)  # step 3: scores (prompts, k)
     rows = torch.arange(len(prompts))
     votes_best = wins[rows, best, worst]
-    if label == "zermelo":  # step 4: the fit's w_best / (w_best + w_worst), whose logit is
+    if label == "zermelo":  # step 4: with w = exp(s), w_best / (w_best + w_worst), whose logit is
         target_logit = scores[rows, best] - scores[rows, worst]  # s_best - s_worst
     else:  # the pair's own votes (with --label fresh, a stand-in until fresh_votes)
         target_logit = vote_share_logit(votes_best.double(), n_annotators, smoothing)
@@ -374,7 +374,8 @@ def annotate(panel, prompts, texts, k, smoothing, label):
 
 def fresh_votes(panel, rows, smoothing):
     """Step 4 with --label fresh: the panel votes again on each chosen pair alone, and these
-    votes, not the ones that chose the pair, are its label: the choice cannot bias them."""
+    votes, not the ones that chose the pair, are its label: for voters who draw their votes, the
+    choice cannot bias them (a deterministic annotator, a reward model, answers as before)."""
     answers = panel.compare([row["prompt"] for row in rows], [row["response_a"] for row in rows],
                             [row["response_b"] for row in rows])  # (pairs, N)
     votes = answers.double().sum(-1)
@@ -416,7 +417,7 @@ def sampled_pairs(model, tokenizer, panel, chunk, t, args, batch_size):
         fresh_votes(panel, rows, args.smoothing)
     tokens = sum(len(response) for response in responses)
     ended = sum(len(response) < args.max_new_tokens or response[-1] == tokenizer.eos_token_id
-                for response in responses)  # ended by EOS or the end-of-turn marker
+                for response in responses)  # shorter than the limit (EOS or marker), or EOS last
     return rows, dict(skipped_pairs=skipped, response_tokens_mean=tokens / len(responses),
                       eos_rate=ended / len(responses),
                       seconds_sample=seconds_sample, seconds_annotate=time.time() - tic,
@@ -1096,17 +1097,25 @@ def trainable(model, settings):
         params = list(model.parameters())
         model.requires_grad_(True)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointing(model, True)
         model.train()  # checkpointing runs in train mode only; dropout was zeroed at load
     try:
         yield params
     finally:
         model.eval()
         if settings.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            checkpointing(model, False)
         for _, module in lora_wrappers(model):
             module.freeze()
         model.requires_grad_(False)
+
+def checkpointing(model, on):
+    """Recompute activations in the backward pass, or stop: transformers 5.25 names it activation
+    checkpointing (the gradient_checkpointing_* names warn, and go in v6); earlier 5.x, gradient."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        return getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
+    return getattr(model, f"{name}_checkpointing_disable")()
 
 # --- LoRA, in the file: fresh adapters on the chosen linear layers each iteration (and SFT),
 # frozen after it, kept in fp32 and never merged into bf16 weights, where rounding would lose most
@@ -2180,13 +2189,11 @@ def print_table(table, levels, curves, seeds):
               verdict(table, level))
     # every seed of every curve reaches every level; a verdict needs 2 seeds a side
     comparisons = len(levels) * len(curves) * (len(curves) - 1) if seeds > 1 else 0
-    # were two curves' runs independent and alike, 1/splits would be a verdict's chance; they
-    # share seeds, prompts and streams, so the figure is approximate
+    # 1/splits: a false verdict's chance for independent runs; the curves share seeds and prompts
     splits = math.comb(2 * seeds, seeds)
     print(f"{comparisons} comparisons (ordered pairs of curves x KL levels), each false with "
-          f"chance about 1/{splits} if the two curves were the same (for independent runs); were "
-          f"all the same, chance alone would give about {comparisons / splits:.1f} verdicts on "
-          "average: a hint, not a proof")
+          f"chance about 1/{splits} if the two curves were the same; were all the same, chance "
+          f"alone would give about {comparisons / splits:.1f} verdicts on average: a hint only")
 
 # The picture, frontier.svg: standard-library SVG, each mark with data-* attributes of its data.
 LEFT, RIGHT, TOP, BOTTOM = 70, 560, 60, 420  # the plot's edges, in pixels
