@@ -18,10 +18,10 @@ Part I is the method (settings, building blocks, steps 1-7, the loop); Part II i
 which changes nothing in the method; Part III checks the theory and compares the losses.
 
 Run it:
-  python irepo.py                      # built-in tiny model and simulated panel, CPU, ~40 s
+  python irepo.py                      # built-in tiny model and simulated panel, CPU, ~30 s
   python irepo.py --loss dpo           # the same with DPO on the label's winner (or ipo)
   python irepo.py --theory             # check the paper's theory numerically, in seconds
-  python irepo.py --compare            # 4 losses, 2 labels: reward-KL frontier, ~3.3 min
+  python irepo.py --compare            # 4 losses, 2 labels: reward-KL frontier, ~2.6 min
   python irepo.py --model microsoft/phi-2 --sft ultrachat_sft.jsonl   # GPU, UltraFeedback
   torchrun --nproc_per_node 8 irepo.py --model mistralai/Mistral-7B-v0.1 \
       --sft ultrachat_sft.jsonl        # 8 GPUs
