@@ -2209,7 +2209,11 @@ def test_pi_1_is_not_sampled_with_pi_0s_stream(warm_tiny, tmp_path, monkeypatch)
     streams (e.g. the evaluation's samples and its votes): no (iteration, phase) is asked twice."""
     asked = []
     seed_of = irepo.phase_seed
-    monkeypatch.setattr(irepo, "phase_seed", lambda *key: asked.append(key) or seed_of(*key))
+
+    def recording_seed(*key):  # (seed, iteration, phase)
+        asked.append(key)
+        return seed_of(*key)
+    monkeypatch.setattr(irepo, "phase_seed", recording_seed)
     out = tmp_path / "run"
     run_with_warmup(warm_tiny, str(out), "--iterations", "1", "--lr", "1e-9")
     assert len(asked) == len(set(asked)) and {key[2] for key in asked} >= {"eval", "eval_votes"}
